@@ -1,0 +1,44 @@
+"""Guards for optional GPU toolchains (triton, cupy) — never import them unguarded."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Can a Triton kernel run on tensors living on ``device``?
+
+    On CUDA tensors when triton is installed; on CPU tensors only in interpreter mode.
+    """
+    if not triton_installed():
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and interpret_mode()
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_usable() -> bool:
+    """cupy imports without a GPU; it is usable only when ``cupy.is_available()``."""
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy  # noqa: PLC0415
+
+        return bool(cupy.is_available())
+    except Exception:  # noqa: BLE001 — a broken CUDA install must not break CPU users
+        return False

