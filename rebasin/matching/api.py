@@ -1,0 +1,111 @@
+"""Python API for backend users: match checkpoints, state dicts or ``nn.Module``s.
+
+    >>> from rebasin import match
+    >>> result = match("old-base/", "new-base/")          # directories, files, modules or state dicts
+    >>> result.perms["residual"]                           # int64 (d_model,)
+    >>> result.objective_identity, result.objective        # J before and after
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rebasin.errors import IncompatibleInputsError, NonFiniteError
+from rebasin.matching.engine import MatchResult, Timer, match_states
+from rebasin.model import Model, open_model
+from rebasin.specs import Spec, resolve_spec
+
+Source = str | Path | Model | Mapping[str, torch.Tensor] | torch.nn.Module
+
+
+@dataclass
+class Loaded:
+    """A model reduced to what matching needs: spec, a tensor getter, and a label."""
+
+    spec: Spec
+    get: Any  # Callable[[str], torch.Tensor]
+    label: str
+    config: dict[str, Any]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(source: Source, *, family: str | None = None, config: dict[str, Any] | None = None) -> Loaded:
+    """Normalise any supported input; state dicts need ``config`` (a config.json dict)."""
+    if isinstance(source, (str, Path)):
+        source = open_model(source, family=family)
+    if isinstance(source, Model):
+        ck = source.checkpoint
+        return Loaded(source.spec, lambda n: ck.get(n, check_finite=True), str(ck.path), ck.config)
+    if isinstance(source, torch.nn.Module):
+        cfg = config or source.config.to_dict()
+        state = source.state_dict()
+        label = type(source).__name__
+    else:
+        if config is None:
+            raise IncompatibleInputsError("a state dict needs config= (the model's config.json as a dict)")
+        cfg, state, label = config, dict(source), "state_dict"
+    spec = resolve_spec(cfg, {k: tuple(v.shape) for k, v in state.items()}, family=family, where=label)
+    return Loaded(spec, lambda n: state[n].detach(), label, cfg)
+
+
+def check_compatible(sa: Spec, sb: Spec, la: str, lb: str) -> list[str]:
+    """Same family and group sizes; returns the tensors to match on (same shape in both)."""
+    if sa.family != sb.family:
+        raise IncompatibleInputsError(f"different architectures: {la} is {sa.family}, {lb} is {sb.family}")
+    if set(sa.groups) != set(sb.groups) or any(sa.groups[g] != sb.groups[g] for g in sa.groups):
+        diff = next((g for g in sorted(set(sa.groups) | set(sb.groups))
+                     if sa.groups.get(g) != sb.groups.get(g)), "?")
+        raise IncompatibleInputsError(f"permutation group '{diff}' differs between {la} and {lb} "
+                                      f"({sa.groups.get(diff)} vs {sb.groups.get(diff)})")
+    names = []
+    for name in sa.permuted_tensors():
+        if name not in sb.axes:
+            continue
+        if sa.shapes[name] != sb.shapes[name]:
+            warnings.warn(f"{name}: shapes differ ({list(sa.shapes[name])} vs {list(sb.shapes[name])}) "
+                          "along invariant axes (vocabulary?); not used for matching", stacklevel=3)
+            continue
+        names.append(name)
+    return names
+
+
+def match(source: Source, target: Source, *, family: str | None = None, config: dict[str, Any] | None = None,
+          solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str | torch.device | None = "auto",
+          dtype: torch.dtype | None = None, progress: bool = True) -> MatchResult:
+    """Find π with ``apply(source, π) ≈ target`` (weight matching, DESIGN §3).
+
+    Args:
+        source, target: model directories / ``.safetensors`` files, :class:`Model`s,
+            ``transformers`` modules, or state dicts (then pass ``config``).
+        solver: assignment solver (``auto`` picks the fastest exact one).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        dtype: compute dtype of the weights (default float32; costs always accumulate in float32).
+    Returns:
+        MatchResult with ``perms`` (name -> int64 tensor, see :mod:`rebasin.permutation`).
+    """
+    dev = resolve_device(device)
+    timer = Timer(dev)
+    with timer("load"):
+        la, lb = load(source, family=family, config=config), load(target, family=family, config=config)
+        names = check_compatible(la.spec, lb.spec, la.label, lb.label)
+        spec = Spec(la.spec.family, la.spec.groups, {n: la.spec.axes[n] for n in names},
+                    {n: la.spec.shapes[n] for n in names}, la.spec.sizes)
+        cdtype = dtype or torch.float32
+        a, b = {}, {}
+        for n in names:
+            ta, tb = la.get(n), lb.get(n)
+            for t, label in ((ta, la.label), (tb, lb.label)):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError("contains NaN/Inf", file=label, tensor=n)
+            a[n], b[n] = ta.to(dev, cdtype), tb.to(dev, cdtype)
+    return match_states(spec, a, b, solver=solver, max_sweeps=max_sweeps, seed=seed, progress=progress, timer=timer)
