@@ -19,6 +19,7 @@ from rebasin.errors import IncompatibleInputsError, NonFiniteError
 from rebasin.matching.engine import MatchResult, Timer, match_states
 from rebasin.model import Model, open_model
 from rebasin.specs import Spec, resolve_spec
+from rebasin.vocab import VocabMap
 
 Source = str | Path | Model | Mapping[str, torch.Tensor] | torch.nn.Module
 
@@ -58,8 +59,9 @@ def load(source: Source, *, family: str | None = None, config: dict[str, Any] | 
     return Loaded(spec, lambda n: state[n].detach(), label, cfg)
 
 
-def check_compatible(sa: Spec, sb: Spec, la: str, lb: str) -> list[str]:
-    """Same family and group sizes; returns the tensors to match on (same shape in both)."""
+def check_compatible(sa: Spec, sb: Spec, la: str, lb: str, vocab: VocabMap | None = None) -> list[str]:
+    """Same family and group sizes; returns the tensors to match on (same shape in both, or
+    differing only in vocabulary rows when ``vocab`` maps them)."""
     if sa.family != sb.family:
         raise IncompatibleInputsError(f"different architectures: {la} is {sa.family}, {lb} is {sb.family}")
     if set(sa.groups) != set(sb.groups) or any(sa.groups[g] != sb.groups[g] for g in sa.groups):
@@ -72,6 +74,9 @@ def check_compatible(sa: Spec, sb: Spec, la: str, lb: str) -> list[str]:
         if name not in sb.axes:
             continue
         if sa.shapes[name] != sb.shapes[name]:
+            if vocab is not None and _vocab_rows_only(sa, sb, name, vocab):
+                names.append(name)
+                continue
             warnings.warn(f"{name}: shapes differ ({list(sa.shapes[name])} vs {list(sb.shapes[name])}) "
                           "along invariant axes (vocabulary?); not used for matching", stacklevel=3)
             continue
@@ -79,9 +84,15 @@ def check_compatible(sa: Spec, sb: Spec, la: str, lb: str) -> list[str]:
     return names
 
 
+def _vocab_rows_only(sa: Spec, sb: Spec, name: str, vocab: VocabMap) -> bool:
+    a, b = sa.shapes[name], sb.shapes[name]
+    return (len(a) == len(b) and a[1:] == b[1:] and sa.axes[name][0] is None
+            and (a[0], b[0]) == (vocab.size_a, vocab.size_b))
+
+
 def match(source: Source, target: Source, *, family: str | None = None, config: dict[str, Any] | None = None,
           solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str | torch.device | None = "auto",
-          dtype: torch.dtype | None = None, progress: bool = True) -> MatchResult:
+          dtype: torch.dtype | None = None, progress: bool = True, vocab: VocabMap | None = None) -> MatchResult:
     """Find π with ``apply(source, π) ≈ target`` (weight matching, DESIGN §3).
 
     Args:
@@ -90,6 +101,7 @@ def match(source: Source, target: Source, *, family: str | None = None, config: 
         solver: assignment solver (``auto`` picks the fastest exact one).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         dtype: compute dtype of the weights (default float32; costs always accumulate in float32).
+        vocab: when the vocabularies differ, the shared rows of vocabulary-sized tensors to use.
     Returns:
         MatchResult with ``perms`` (name -> int64 tensor, see :mod:`rebasin.permutation`).
     """
@@ -97,15 +109,17 @@ def match(source: Source, target: Source, *, family: str | None = None, config: 
     timer = Timer(dev)
     with timer("load"):
         la, lb = load(source, family=family, config=config), load(target, family=family, config=config)
-        names = check_compatible(la.spec, lb.spec, la.label, lb.label)
-        spec = Spec(la.spec.family, la.spec.groups, {n: la.spec.axes[n] for n in names},
-                    {n: la.spec.shapes[n] for n in names}, la.spec.sizes)
+        names = check_compatible(la.spec, lb.spec, la.label, lb.label, vocab)
         cdtype = dtype or torch.float32
         a, b = {}, {}
         for n in names:
             ta, tb = la.get(n), lb.get(n)
+            if ta.shape != tb.shape and vocab is not None:
+                ta, tb = ta.index_select(0, vocab.a_rows), tb.index_select(0, vocab.b_rows)
             for t, label in ((ta, la.label), (tb, lb.label)):
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise NonFiniteError("contains NaN/Inf", file=label, tensor=n)
             a[n], b[n] = ta.to(dev, cdtype), tb.to(dev, cdtype)
+        spec = Spec(la.spec.family, la.spec.groups, {n: la.spec.axes[n] for n in names},
+                    {n: tuple(a[n].shape) for n in names}, la.spec.sizes)
     return match_states(spec, a, b, solver=solver, max_sweeps=max_sweeps, seed=seed, progress=progress, timer=timer)
