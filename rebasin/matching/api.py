@@ -90,6 +90,15 @@ def _vocab_rows_only(sa: Spec, sb: Spec, name: str, vocab: VocabMap) -> bool:
             and (a[0], b[0]) == (vocab.size_a, vocab.size_b))
 
 
+def _compute_dtype(loaded: Loaded, names: list[str], device: torch.device) -> torch.dtype:
+    """float32 on CPU (CPU half-precision matmuls are slow); on CUDA keep 16-bit checkpoints 16-bit
+    (the cost kernels accumulate in float32) so that 8B-parameter pairs fit on one GPU."""
+    if device.type != "cuda" or not names:
+        return torch.float32
+    probe = loaded.get(names[0])
+    return probe.dtype if probe.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def match(source: Source, target: Source, *, family: str | None = None, config: dict[str, Any] | None = None,
           solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str | torch.device | None = "auto",
           dtype: torch.dtype | None = None, progress: bool = True, vocab: VocabMap | None = None) -> MatchResult:
@@ -110,7 +119,7 @@ def match(source: Source, target: Source, *, family: str | None = None, config: 
     with timer("load"):
         la, lb = load(source, family=family, config=config), load(target, family=family, config=config)
         names = check_compatible(la.spec, lb.spec, la.label, lb.label, vocab)
-        cdtype = dtype or torch.float32
+        cdtype = dtype or _compute_dtype(la, names, dev)
         a, b = {}, {}
         for n in names:
             ta, tb = la.get(n), lb.get(n)
