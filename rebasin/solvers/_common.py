@@ -1,0 +1,152 @@
+"""Shared types and plumbing of the solver registry: the result type, input checks, validation.
+
+Every backend has the uniform signature
+
+    fn(cost: np.ndarray | torch.Tensor  (b, n, n), maximize: bool, **opts) -> Assignment
+
+with a *batched* (b, n, n) input that ``solve`` has already checked (square, finite, float);
+the backend returns a batched Assignment (perm (b, n), objective (b,)), ``solve`` squeezes it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+Array = np.ndarray | torch.Tensor
+
+
+class SolverUnavailable(RuntimeError):
+    """The requested backend cannot run here (optional dependency missing, ...)."""
+
+
+@dataclass
+class Assignment:
+    """The answer of a linear assignment solve.
+
+    Attributes:
+        perm: torch.int64, shape (n,) or (b, n): ``perm[i]`` is the column assigned to row ``i``.
+            On the input's device when the input was a tensor (CPU for numpy inputs).
+        objective: torch.float64, shape () or (b,): ``sum_i cost[i, perm[i]]`` computed in
+            float64 from the input values.
+        certified: True when the result is proven optimal (exact algorithm, or a dual
+            certificate checked over all n^2 edges).
+        gap: upper bound on ``|optimum - objective|`` (the largest over a batch); 0.0 for exact
+            methods, None when no bound is known.
+        method: the backend that produced the result.
+        stats: free-form diagnostics (iterations, edges, rounds, per-problem gaps, ...).
+    """
+
+    perm: torch.Tensor
+    objective: torch.Tensor
+    certified: bool
+    gap: float | None
+    method: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One registry entry: ``fn(cost (b, n, n), maximize, **opts) -> Assignment``."""
+
+    name: str
+    fn: Callable[..., Assignment]
+    exact: bool
+    available: Callable[[], bool]
+    doc: str = ""
+
+
+def to_numpy64(cost: Array) -> np.ndarray:
+    """float64 numpy copy/view of a (b, n, n) cost (moves CUDA tensors to the host)."""
+    if isinstance(cost, torch.Tensor):
+        return cost.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(cost, dtype=np.float64)
+
+
+def to_numpy(cost: Array, dtype=None) -> np.ndarray:
+    """numpy view of ``cost`` (host), converted to ``dtype`` when given."""
+    if isinstance(cost, torch.Tensor):
+        t = cost.detach().cpu()
+        if dtype is not None:
+            t = t.to({np.float64: torch.float64, np.float32: torch.float32}[np.dtype(dtype).type])
+        return t.numpy()
+    return np.asarray(cost, dtype=dtype) if dtype is not None else np.asarray(cost)
+
+
+def objective_of(cost: Array, perm: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """float64 ``sum_i cost[b, i, perm[b, i]]`` for a (b, n, n) cost and (b, n) perm; shape (b,)."""
+    if isinstance(cost, torch.Tensor):
+        p = torch.as_tensor(perm, device=cost.device, dtype=torch.int64)
+        vals = torch.gather(cost.detach(), 2, p.unsqueeze(-1)).squeeze(-1)
+        return vals.to(torch.float64).sum(-1).cpu()
+    c = np.asarray(cost)
+    p = np.asarray(perm, dtype=np.int64)
+    vals = np.take_along_axis(c, p[..., None], axis=2)[..., 0]
+    return torch.from_numpy(vals.astype(np.float64).sum(-1))
+
+
+def check_perm(perm: np.ndarray | torch.Tensor, n: int, method: str) -> None:
+    """Raise RuntimeError unless every row of the (b, n) ``perm`` is a permutation of 0..n-1."""
+    p = perm.detach().cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
+    if p.ndim != 2 or p.shape[1] != n:
+        raise RuntimeError(f"solver {method!r} returned perm of shape {p.shape}, expected (b, {n})")
+    if n == 0:
+        return
+    if p.min(initial=0) < 0 or p.max(initial=0) >= n:
+        raise RuntimeError(f"solver {method!r} returned an out-of-range column index")
+    s = np.sort(p, axis=1)
+    if not np.array_equal(s, np.broadcast_to(np.arange(n), s.shape)):
+        raise RuntimeError(f"solver {method!r} returned a non-permutation")
+
+
+def make_result(
+    cost: Array,
+    perm: np.ndarray,
+    method: str,
+    *,
+    certified: bool,
+    gap: float | None,
+    stats: dict[str, Any] | None = None,
+) -> Assignment:
+    """Validate a (b, n) perm against the (b, n, n) cost and wrap it in an Assignment."""
+    b, n = cost.shape[0], cost.shape[1]
+    perm = np.asarray(perm, dtype=np.int64).reshape(b, n)
+    check_perm(perm, n, method)
+    return Assignment(
+        perm=torch.from_numpy(np.ascontiguousarray(perm)),
+        objective=objective_of(cost, perm),
+        certified=certified,
+        gap=gap,
+        method=method,
+        stats=stats or {},
+    )
+
+
+def finite_check(cost: Array) -> None:
+    """ValueError naming the first batch entry holding NaN/Inf (cost is (b, n, n))."""
+    if isinstance(cost, torch.Tensor):
+        if cost.numel() == 0 or bool(torch.isfinite(cost.sum())):
+            return  # NaN/Inf propagate into the sum; only an overflowing sum needs the full scan
+        bad = ~torch.isfinite(cost).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            idx = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(f"cost matrix contains NaN/Inf (batch {idx})")
+    else:
+        c = np.asarray(cost)
+        if c.size == 0 or np.isfinite(c.sum(dtype=np.float64)):
+            return
+        bad = ~np.isfinite(c).reshape(c.shape[0], -1).all(axis=1)
+        if bad.any():
+            raise ValueError(f"cost matrix contains NaN/Inf (batch {int(np.flatnonzero(bad)[0])})")
+
+
+def cost_scale(cost: np.ndarray) -> float:
+    """max |C| (1.0 for an all-zero or empty matrix): the unit of tolerances."""
+    if cost.size == 0:
+        return 1.0
+    m = max(float(cost.max()), -float(cost.min()))
+    return m if m > 0 and math.isfinite(m) else 1.0
