@@ -294,6 +294,21 @@ def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed:
                               if k in m}
             transfers[name] = {"mode": mode, "alpha": alpha, "dir": Path(res.output)}
 
+    # Alignment check: weight averaging of the two bases, without and with π (git-re-basin's
+    # classic test: a midpoint of unaligned models breaks, a midpoint of aligned ones works).
+    from rebasin.apply import apply_checkpoint  # noqa: PLC0415
+    from rebasin.model import open_model  # noqa: PLC0415
+    from rebasin.permutation import load_perms  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    aligned = apply_checkpoint(open_model(dirs["A"]), load_perms(perms_file)[0], tdir / "A-aligned",
+                               overwrite=True, progress=False)
+    merges = {}
+    for name, src in (("merge-identity", dirs["A"]), ("merge-aligned", aligned)):
+        merges[name] = transfer(old_base=dirs["B"], finetuned=src, new_base=dirs["B"], output=tdir / name,
+                                mode="diff", alpha=0.5, overwrite=True, progress=False).output
+    timings["merges"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
 
@@ -309,6 +324,8 @@ def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed:
     add("B_ft (upper bound)", "reference", dirs["B_ft"])
     add("A (old base)", "reference", dirs["A"])
     add("A_ft (the fine-tune)", "reference", dirs["A_ft"])
+    add("½(A + B)     [merge, no π]", "alignment", merges["merge-identity"])
+    add("½(π(A) + B)  [merge, aligned]", "alignment", merges["merge-aligned"])
     timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 

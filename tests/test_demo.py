@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from rebasin.demo import QUICK, cache_key, format_table, run_demo_pipeline  # noqa: E402
 from rebasin.io.checkpoint import open_checkpoint  # noqa: E402
 
-EXPECTED_ROWS = 3 + 2 * len(QUICK.alphas)  # B, diff × α, rebasin × α, B_ft, A, A_ft  (+1 below)
+EXPECTED_ROWS = 6 + 2 * len(QUICK.alphas)  # B, diff × α, rebasin × α, B_ft, A, A_ft, 2 merges
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_artifacts(demo):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "results.json").read_text())
-    assert data["quick"] is True and len(data["rows"]) == EXPECTED_ROWS + 1
+    assert data["quick"] is True and len(data["rows"]) == EXPECTED_ROWS
     for mode in ("diff", "rebasin"):
         for a in QUICK.alphas:
             assert (out / "transfers" / f"{mode}-a{a:g}" / "config.json").is_file()

@@ -1,43 +1,49 @@
-"""Linear assignment solvers with one contract (POT style: one function per family).
+"""Linear-assignment solver registry: one contract, several backends.
 
-Problem, for each (n, n) cost ``C`` of a batch:
+    from rebasin.solvers import solve, Assignment, available_solvers, SOLVERS
+    res = solve(cost, method="auto", maximize=True)
 
-    maximize (or minimize)  Σ_i C[i, perm[i]]   over permutations perm
+``cost``: torch.Tensor or numpy array of shape (n, n) or (b, n, n), any float dtype, any device.
+Returns an :class:`Assignment` (perm int64 (n,)/(b, n) on the input's device, float64 objective,
+certified, gap, method, stats). Every backend returns valid permutations or raises.
 
-    >>> from rebasin.solvers import solve
-    >>> res = solve(cost)               # cost (n, n) or (b, n, n); torch or numpy; any device
-    >>> res.perm, res.objective, res.certified, res.gap, res.method
-
-Every backend returns a valid permutation or raises — never a non-permutation; NaN/Inf
-costs raise ``ValueError``. Backends:
-
-==============  =====  =====================================================================
-name            exact  what
-==============  =====  =====================================================================
-``scipy``       yes    ``scipy.optimize.linear_sum_assignment`` (the reference)
-``lapx``        yes    LAPJV from ``lapx`` (when installed; float64 by default)
-``emd``         yes    POT ``ot.emd`` network simplex on uniform marginals
-``sinkhorn``    no     entropic OT rounded to a permutation; ``gap`` is a dual upper bound
-``certified``   yes    Sinkhorn duals → top-k candidate edges → sparse exact solve → dual
-                       certificate over all n² edges (adds violating edges until none) —
-                       an exact optimum with a proof, far faster than dense at large n
-``triton``      yes    batched Hungarian, one GPU program per problem (CUDA; small n)
-``auto``        yes    the fastest exact path for the size and device (:func:`auto_choice`)
-==============  =====  =====================================================================
+Backends (``SOLVERS``): scipy (reference), lapx (JV), emd (POT network simplex), sinkhorn
+(entropic, approximate, with a dual gap bound), certified (Sinkhorn/reduction duals -> sparse
+exact -> dense dual certificate), and ``auto`` which picks among them (see ``_auto_choice``).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from rebasin.solvers._common import Array, Assignment, SolverSpec, SolverUnavailable, finite_check
+from rebasin.solvers._common import (
+    Array,
+    Assignment,
+    SolverSpec,
+    SolverUnavailable,
+    check_perm,
+    finite_check,
+)
 from rebasin.solvers.certified import solve_certified
 from rebasin.solvers.emd_backend import emd_available, solve_emd
 from rebasin.solvers.lapx_backend import lapx_available, solve_lapx
 from rebasin.solvers.scipy_backend import solve_scipy
 from rebasin.solvers.sinkhorn_backend import solve_sinkhorn
 
-__all__ = ["SOLVERS", "Assignment", "SolverSpec", "SolverUnavailable", "auto_choice", "available_solvers", "solve"]
+__all__ = ["solve", "Assignment", "SolverSpec", "SolverUnavailable", "available_solvers", "SOLVERS"]
+
+# ---- auto thresholds (measured on a 2-core CPU, see benchmarks/results/solvers-cpu.md) ------
+# Below AUTO_DENSE_MAX_N a dense JV solve (lapx, else scipy) is always fastest: the certified
+# path pays ~4 dense O(n^2) passes plus sparse overhead. Above it, dense JV is still fastest
+# when the problem is "easy" (a clear diagonal: row-wise best columns are nearly all distinct,
+# JV's column reduction + few augmentations finish it); otherwise ``certified``.
+AUTO_DENSE_MAX_N = 768
+AUTO_EASY_DISTINCT = 0.75
+# batches of problems up to this size: a plain scipy loop beat lapx's threaded batch API
+AUTO_BATCH_SCIPY_MAX_N = 64  # fraction of distinct row-argmax columns above which JV is "easy"
+
+
+TRITON_MAX_N = 128  # batched GPU Hungarian (kernels.hungarian): one program per problem
 
 
 def _triton_available() -> bool:
@@ -47,113 +53,118 @@ def _triton_available() -> bool:
 
 
 def solve_triton(cost: Array, maximize: bool = True, **_: object) -> Assignment:
-    """Batched Hungarian on the GPU (``kernels.hungarian``), verified by its duals in float64."""
+    """Batched Hungarian on the GPU (``kernels.hungarian``, fp32), checked by its duals in float64:
+    ``gap`` bounds the distance to the optimum and ``certified`` says it is within round-off."""
     from kernels.hungarian import batched_lap  # noqa: PLC0415
     from rebasin.solvers._common import make_result  # noqa: PLC0415
 
     c = torch.as_tensor(cost)
-    if c.device.type != "cuda":
-        c = c.cuda()
+    c = c if c.device.type == "cuda" else c.cuda()
     perm, u, v = batched_lap(c.float(), maximize=maximize, backend="triton")
-    c64 = c.double()
-    red = (u.double()[:, :, None] + v.double()[:, None, :] - c64) if maximize else (
-        c64 - u.double()[:, :, None] - v.double()[:, None, :])
-    tol = 1e-5 * float(c64.abs().amax().clamp_min(1.0)) * c.shape[-1]
-    gap = float((-red.clamp(max=0).amin(dim=2)).sum(dim=1).max()) if c.numel() else 0.0
+    c64, u64, v64 = c.double(), u.double()[:, :, None], v.double()[:, None, :]
+    red = (u64 + v64 - c64) if maximize else (c64 - u64 - v64)
+    gap = float((-red.clamp(max=0).amin(dim=2)).sum(dim=1).max())
+    tol = 1e-5 * max(1.0, float(c64.abs().amax())) * c.shape[-1]
     return make_result(c, perm.cpu().numpy(), "triton", certified=gap <= tol, gap=gap)
 
 
-SOLVERS: dict[str, SolverSpec] = {
-    "scipy": SolverSpec("scipy", solve_scipy, True, lambda: True, "scipy.optimize.linear_sum_assignment"),
-    "lapx": SolverSpec("lapx", solve_lapx, True, lapx_available, "lapx LAPJV"),
-    "emd": SolverSpec("emd", solve_emd, True, emd_available, "POT network simplex"),
-    "sinkhorn": SolverSpec("sinkhorn", solve_sinkhorn, False, lambda: True, "entropic OT, rounded (approximate)"),
-    "certified": SolverSpec("certified", solve_certified, True, lambda: True,
-                            "Sinkhorn -> sparse exact -> dual certificate"),
-    "triton": SolverSpec("triton", solve_triton, True, _triton_available, "batched GPU Hungarian"),
-}
+def _auto_choice(b: int, n: int, device: torch.device | str, cost: Array | None = None,
+                 maximize: bool = True) -> str:
+    """Backend name for a (b, n, n) problem on ``device``.
 
-# Measured on 2 CPU cores (benchmarks/results/solvers-cpu.md): below CERTIFIED_MIN_N dense
-# LAPJV wins; from there the certified sparse path wins, except on near-permutation costs
-# (the row-wise best columns are already almost a permutation), where LAPJV's greedy start
-# makes it faster up to CERTIFIED_ALWAYS_N.
-CERTIFIED_MIN_N = 2048
-CERTIFIED_ALWAYS_N = 8192
-NEAR_PERMUTATION = 0.9
-TRITON_MAX_N = 128
-
-
-def greedy_uniqueness(cost: Array, maximize: bool) -> float:
-    """Fraction of distinct columns among the rows' best columns (1.0: a permutation)."""
-    c = cost if isinstance(cost, torch.Tensor) else torch.from_numpy(np.asarray(cost))
-    best = c.argmax(dim=-1) if maximize else c.argmin(dim=-1)
-    return float(torch.unique(best).numel()) / max(1, best.numel())
-
-
-def available_solvers() -> list[str]:
-    return [name for name, spec in SOLVERS.items() if spec.available()] + ["auto"]
-
-
-def auto_choice(b: int, n: int, device: torch.device | str, cost: Array | None = None, maximize: bool = True) -> str:
-    """The backend ``auto`` uses for ``b`` problems of size n on ``device`` (``cost``: (b, n, n))."""
-    device = torch.device(device)
-    dense = "lapx" if SOLVERS["lapx"].available() else "scipy"
-    if device.type == "cuda" and n <= TRITON_MAX_N and SOLVERS["triton"].available():
-        return "triton"
-    if n < CERTIFIED_MIN_N:
+    Hook for GPU backends: a batched CUDA kernel should be returned here for CUDA inputs with
+    many small problems (b > 1, small n) once registered in ``SOLVERS``.
+    """
+    dense = "lapx" if lapx_available() else "scipy"
+    if b > 1 and n <= AUTO_BATCH_SCIPY_MAX_N:
+        return "scipy"  # lapx's threaded batch entry costs ~2 ms of pool overhead per call
+    if n <= AUTO_DENSE_MAX_N or b > 1:
         return dense
-    if n < CERTIFIED_ALWAYS_N and dense == "lapx" and cost is not None \
-            and greedy_uniqueness(cost[0], maximize) >= NEAR_PERMUTATION:
-        return dense
+    if cost is not None:
+        t = cost if isinstance(cost, torch.Tensor) else torch.from_numpy(np.asarray(cost))
+        best = t[0].argmax(dim=1) if maximize else t[0].argmin(dim=1)
+        distinct = int(torch.unique(best).numel()) / n
+        if distinct >= AUTO_EASY_DISTINCT:
+            return dense
+        # heavily tied costs (few distinct values): dual certificates degenerate -> scipy
+        row = t[0, 0, : min(n, 512)]
+        if int(torch.unique(row).numel()) < row.numel() // 4:
+            return "scipy"
     return "certified"
 
 
-def solve(cost: Array, method: str = "auto", maximize: bool = True, **opts: object) -> Assignment:
-    """Solve one (n, n) or a batch (b, n, n) of assignment problems.
+def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
+    """Pick the fastest exact backend for the shape/device (``_auto_choice``) and run it."""
+    b, n = cost.shape[0], cost.shape[1]
+    dev = cost.device if isinstance(cost, torch.Tensor) else "cpu"
+    name = _auto_choice(b, n, dev, cost, maximize)
+    res = SOLVERS[name].fn(cost, maximize, **opts)
+    res.stats = {**res.stats, "auto_choice": name}
+    return res
+
+
+SOLVERS: dict[str, SolverSpec] = {
+    "scipy": SolverSpec("scipy", solve_scipy, True, lambda: True, solve_scipy.__doc__ or ""),
+    "lapx": SolverSpec("lapx", solve_lapx, True, lapx_available, solve_lapx.__doc__ or ""),
+    "emd": SolverSpec("emd", solve_emd, True, emd_available, solve_emd.__doc__ or ""),
+    "sinkhorn": SolverSpec("sinkhorn", solve_sinkhorn, False, lambda: True, solve_sinkhorn.__doc__ or ""),
+    "certified": SolverSpec("certified", solve_certified, True, lambda: True, solve_certified.__doc__ or ""),
+    "triton": SolverSpec("triton", solve_triton, True, _triton_available, solve_triton.__doc__ or ""),
+    "auto": SolverSpec("auto", _solve_auto, True, lambda: True, _solve_auto.__doc__ or ""),
+}
+
+
+def available_solvers() -> list[str]:
+    """Names of the backends usable here."""
+    return [name for name, spec in SOLVERS.items() if spec.available()]
+
+
+def solve(cost: Array, method: str = "auto", maximize: bool = True, **opts) -> Assignment:
+    """Solve ``max (or min) over permutations p of sum_i cost[..., i, p[i]]``.
 
     Args:
-        cost: torch tensor (any float dtype, any device) or numpy array.
-        method: a name from :data:`SOLVERS` or ``"auto"``.
-        maximize: maximise Σ C[i, perm[i]] (default — matching maximises similarity).
-        opts: backend options (see each backend).
-    Returns:
-        Assignment with ``perm`` (n,) or (b, n) int64 on the input's device and ``objective``
-        () or (b,) float64.
+        cost: (n, n) or (b, n, n) tensor/array, float (ints are converted to float64).
+        method: a name from ``available_solvers()``.
+        maximize: maximise (default: matching maximises similarity) or minimise.
+        **opts: backend options.
     Raises:
-        ValueError: non-square, wrong rank, NaN/Inf, unknown method.
-        SolverUnavailable: the backend's dependency is missing.
+        ValueError: bad shape, non-square, NaN/Inf ("cost matrix contains NaN/Inf (batch k)"),
+            unknown method. SolverUnavailable: the backend's dependency is missing.
     """
-    is_tensor = isinstance(cost, torch.Tensor)
-    device = cost.device if is_tensor else torch.device("cpu")
-    c = cost if is_tensor else np.asarray(cost)
-    if c.ndim not in (2, 3) or c.shape[-1] != c.shape[-2]:
-        raise ValueError(f"cost must be (n, n) or (b, n, n) square, got shape {tuple(c.shape)}")
-    squeeze = c.ndim == 2
-    if squeeze:
-        c = c[None]
-    if is_tensor:
-        if not c.is_floating_point():
-            c = c.double()
-    elif not np.issubdtype(c.dtype, np.floating):
-        c = c.astype(np.float64)
-    finite_check(c)
-    b, n = int(c.shape[0]), int(c.shape[1])
-    name = auto_choice(b, n, device, c, maximize) if method == "auto" else method
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {method!r}; choose from {', '.join(available_solvers())}")
-    spec = SOLVERS[name]
+    if method not in SOLVERS:
+        raise ValueError(f"unknown solver {method!r}; choose from {', '.join(SOLVERS)}")
+    spec = SOLVERS[method]
     if not spec.available():
-        raise SolverUnavailable(f"solver {name!r} is not available here ({spec.doc}); "
+        raise SolverUnavailable(f"solver {method!r} is not available here (missing optional dependency); "
                                 f"available: {', '.join(available_solvers())}")
+    is_tensor = isinstance(cost, torch.Tensor)
+    if not is_tensor:
+        cost = np.asarray(cost)
+        if not np.issubdtype(cost.dtype, np.floating):
+            cost = cost.astype(np.float64)
+        cost = torch.from_numpy(np.ascontiguousarray(cost))
+    if not torch.is_floating_point(cost):
+        cost = cost.to(torch.float64)
+    if cost.dtype in (torch.float16, torch.bfloat16):
+        cost = cost.float()
+    if cost.ndim not in (2, 3):
+        raise ValueError(f"cost must have shape (n, n) or (b, n, n), got {tuple(cost.shape)}")
+    if cost.shape[-1] != cost.shape[-2]:
+        raise ValueError(f"cost matrix must be square, got {tuple(cost.shape)}")
+    squeeze = cost.ndim == 2
+    batched = cost[None] if squeeze else cost
+    if batched.numel():
+        finite_check(batched)
+    b, n = batched.shape[0], batched.shape[1]
     if b == 0 or n == 0:
-        from rebasin.solvers._common import make_result  # noqa: PLC0415
-
-        res = make_result(c, np.zeros((b, n), dtype=np.int64), name, certified=True, gap=0.0)
+        perm = torch.zeros((b, n), dtype=torch.int64)
+        res = Assignment(perm, torch.zeros(b, dtype=torch.float64), True, 0.0, method, {"trivial": True})
     else:
-        res = spec.fn(c, maximize=maximize, **opts)
-    if method == "auto":
-        res.stats["auto"] = name
-    res.perm = res.perm.to(device)
+        res = spec.fn(batched, maximize, **opts)
+    check_perm(res.perm, n, res.method)
+    if is_tensor:
+        res.perm = res.perm.to(cost.device)
     if squeeze:
-        res.perm, res.objective = res.perm[0], res.objective[0]
+        res.perm = res.perm[0]
+        res.objective = res.objective[0]
     return res

@@ -1,7 +1,7 @@
-"""``emd`` backend: POT's exact network simplex (``ot.emd``) with uniform marginals of ones.
+"""``emd`` backend: POT's exact network simplex (``ot.emd``) with uniform marginals 1/n.
 
 Math: the assignment LP ``min <P, C>`` over doubly-stochastic ``P`` (rows and columns summing
-to 1) has a permutation matrix among its optimal vertices; the network simplex returns a
+to 1/n) has a permutation/n matrix among its optimal vertices; the network simplex returns a
 vertex, so ``perm[i] = argmax_j P[i, j]``. A degenerate/fractional plan (should not happen
 for a vertex, but floating point) is rounded exactly by scipy on the plan's support, and if
 that support holds no perfect matching, by scipy on the dense cost — never a non-permutation.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -62,11 +63,11 @@ def emd_available() -> bool:
 def _plan_to_perm(plan: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, str]:
     n = plan.shape[0]
     perm = plan.argmax(axis=1)
-    if np.array_equal(np.sort(perm), np.arange(n)) and np.all(plan[np.arange(n), perm] > 0.5):
+    if np.array_equal(np.sort(perm), np.arange(n)) and np.all(plan[np.arange(n), perm] > 0.5 / n):
         return perm, "argmax"
     # fractional/degenerate plan: exact rounding on the support (the support of an optimal
     # plan only holds optimal edges, so any perfect matching inside it of min cost is optimal)
-    support = plan > 1e-9
+    support = plan > 1e-9 / n
     big = np.where(support, c, np.inf)
     try:
         _, cols = linear_sum_assignment(big)
@@ -90,14 +91,21 @@ def solve_emd(cost: Array, maximize: bool = True, *, num_iter_max: int = 10_000_
     b, n = c_all.shape[0], c_all.shape[1]
     perm = np.empty((b, n), dtype=np.int64)
     roundings = []
-    ones = np.ones(n, dtype=np.float64)
+    ones = np.full(n, 1.0 / n, dtype=np.float64)  # uniform marginals (POT wants the simplex)
     for k in range(b):
         c = np.ascontiguousarray(c_all[k])
         if n <= 1:
             perm[k] = np.arange(n)
             roundings.append("trivial")
             continue
-        plan = emd(ones, ones, c, numItermax=num_iter_max)
-        perm[k], how = _plan_to_perm(np.asarray(plan), c)
+        with warnings.catch_warnings():  # POT warns and reports the same thing in log["warning"]
+            warnings.simplefilter("ignore", UserWarning)
+            plan, log = emd(ones, ones, c, numItermax=num_iter_max, log=True)
+        if log.get("warning"):
+            # not converged (iteration cap): the plan is not proven optimal; solve exactly instead
+            _, perm[k] = linear_sum_assignment(c)
+            how = f"scipy (emd: {log['warning']})"
+        else:
+            perm[k], how = _plan_to_perm(np.asarray(plan), c)
         roundings.append(how)
     return make_result(cost, perm, "emd", certified=True, gap=0.0, stats={"rounding": roundings})

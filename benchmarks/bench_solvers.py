@@ -1,0 +1,103 @@
+"""Linear-assignment solvers: baselines (scipy, lapx float64, lapx float32, POT emd) vs ours
+(``certified`` and ``auto``) on synthetic problems (rebasin.solvers.problems).
+
+Records per case: seconds per method, objective, reference objective (scipy where run, else the
+best exact objective), ``ratio_vs_<baseline>`` = baseline seconds / our seconds, and whether the
+objectives match (rtol 1e-9). A baseline expected to take more than ~60 s is skipped and
+recorded with its reason.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import timeit
+from rebasin.solvers import available_solvers, solve
+from rebasin.solvers.problems import make_cost
+
+# measured (2-core CPU) seconds scale ~ a * n^p; used only to decide skips (> SKIP_S)
+SKIP_S = 60.0
+
+
+def _predicted(method: str, kind: str, n: int) -> float:
+    if method == "emd":
+        return 4.0 * (n / 4096) ** 3 if kind != "strong" else 2.0 * (n / 4096) ** 3
+    if method == "scipy":
+        base = {"strong": 0.5, "weak": 1.8, "uniform": 2.4}[kind]
+        return base * (n / 4096) ** 2.6
+    if method.startswith("lapx"):
+        base = {"strong": 0.1, "weak": 2.0, "uniform": 0.6}[kind]
+        return base * (n / 4096) ** 2.6
+    return 0.0
+
+
+def _solver_call(method: str, cost: torch.Tensor):
+    if method == "lapx32":
+        return lambda: solve(cost, method="lapx", precision="float32")
+    return lambda: solve(cost, method=method)
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    records: list[dict] = []
+    sizes = [256, 1024] if quick else [1024, 4096, 8192, 16384]
+    baselines = [m for m in ("scipy", "lapx", "lapx32", "emd") if m.rstrip("32") in available_solvers()]
+    ours = ["certified", "auto"]
+    for kind in ("strong", "weak", "uniform"):
+        for n in sizes:
+            cost = make_cost(kind, n, seed=0).to(device)
+            repeat = 3 if n <= 1024 else 1
+            rec: dict = {"case": f"{kind} n={n}", "kind": kind, "n": n}
+            times: dict[str, float] = {}
+            objs: dict[str, float] = {}
+            for m in baselines + ours:
+                if m in baselines and _predicted(m, kind, n) > SKIP_S:
+                    rec[f"{m}_s"] = "skipped (predicted > 60 s)"
+                    continue
+                # a warm-up run for the fast methods (first calls pay page faults for the n^2
+                # float64 copies, up to 1 s at n=8192); none for the slow baselines (scipy, emd:
+                # seconds to minutes, where that first-call cost is negligible)
+                warm = 1 if (n <= 1024 or m not in ("scipy", "emd")) else 0
+                s, res = timeit(_solver_call(m, cost), device=device, repeat=repeat, warmup=warm)
+                times[m] = s
+                objs[m] = float(res.objective)
+                rec[f"{m}_s"] = round(s, 4)
+                if m in ours:
+                    rec[f"{m}_rounds"] = res.stats.get("rounds", "")
+                    if m == "auto":
+                        rec["auto_choice"] = res.stats.get("auto_choice")
+                print(f"[solvers] {kind} n={n} {m}: {s:.3f}s obj={objs[m]:.10g}", flush=True)
+            ref = objs.get("scipy", max(v for k2, v in objs.items() if k2 != "lapx32"))
+            rec["reference_objective"] = ref
+            rec["objective"] = objs["auto"]
+            rec["seconds"] = times["auto"]
+            for m in ours:
+                rec[f"{m}_matches"] = bool(np.isclose(objs[m], ref, rtol=1e-9, atol=0))
+                for bl in baselines:
+                    if bl in times:
+                        rec[f"ratio_{m}_vs_{bl}"] = round(times[bl] / times[m], 3)
+            rec["lapx32_matches"] = bool(np.isclose(objs["lapx32"], ref, rtol=1e-9)) if "lapx32" in objs else ""
+            exact_bl = [times[b] for b in ("scipy", "lapx", "emd") if b in times]
+            rec["auto_vs_best_exact_baseline"] = round(min(exact_bl) / times["auto"], 3) if exact_bl else ""
+            records.append(rec)
+    # head batches: many small problems (the within-head matching workload)
+    batch_cases = [(32, 16)] if quick else [(1024, 64), (256, 128)]
+    for b, n in batch_cases:
+        cost = make_cost("weak", n, batch=b, seed=1).to(device)
+        rec = {"case": f"batch {b}x{n}^2 weak", "kind": "weak-batch", "n": n, "batch": b}
+        times, objs = {}, {}
+        for m in baselines + ["auto"]:
+            s, res_m = timeit(_solver_call(m, cost), device=device, repeat=3, warmup=1)
+            times[m], objs[m] = s, res_m.objective.numpy()
+            if m == "auto":
+                res = res_m
+            rec[f"{m}_s"] = round(s, 4)
+        ref = objs["scipy"]
+        rec["seconds"] = times["auto"]
+        rec["auto_choice"] = res.stats.get("auto_choice")
+        rec["auto_matches"] = bool(np.allclose(objs["auto"], ref, rtol=1e-9))
+        for bl in baselines:
+            rec[f"ratio_auto_vs_{bl}"] = round(times[bl] / times["auto"], 3)
+        records.append(rec)
+    return records
