@@ -203,6 +203,7 @@ def match_states(
         history.append(objective(spec, a, b, perms))
 
     order = list(spec.groups)
+    proposals: dict = {}
     converged = False
     sweep = 0
     bar = tqdm(total=max_sweeps * len(order), desc="match", unit="group", disable=not progress)
@@ -213,7 +214,8 @@ def match_states(
             group = spec.groups[name]
             bar.set_postfix_str(f"sweep {sweep} {name}", refresh=False)
             if group.is_attention:
-                changed |= update_attention(spec, a, b, group, perms, solver=solver, timer=timer)
+                changed |= update_attention(spec, a, b, group, perms, solver=solver, timer=timer,
+                                            proposals=proposals)
             else:
                 changed |= _update_plain(spec, a, b, name, perms, solver, timer)
             bar.update(1)
