@@ -39,7 +39,7 @@ __all__ = ["solve", "Assignment", "SolverSpec", "SolverUnavailable", "available_
 # JV's column reduction + few augmentations finish it); otherwise ``certified``.
 AUTO_DENSE_MAX_N = 768
 AUTO_EASY_MUTUAL = 0.9  # sampled rows whose best column picks them back: JV is "easy" above
-AUTO_SAMPLE_ROWS = 256
+AUTO_SAMPLE_ROWS = 64
 # batches of problems up to this size: a plain scipy loop beat lapx's threaded batch API
 AUTO_BATCH_SCIPY_MAX_N = 64
 
@@ -76,7 +76,7 @@ def mutual_best_fraction(c: torch.Tensor, maximize: bool, rows: int = AUTO_SAMPL
     idx = torch.linspace(0, n - 1, min(rows, n), device=c.device).long()
     pick = torch.argmax if maximize else torch.argmin
     best_col = pick(c[idx], dim=1)
-    back = pick(c[:, best_col], dim=0)
+    back = pick(c.index_select(1, best_col), dim=0)
     return float((back == idx).float().mean())
 
 
