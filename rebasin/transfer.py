@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from rebasin.errors import IncompatibleInputsError, NonFiniteError, RebasinError
 from rebasin.io.checkpoint import open_checkpoint
-from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files
+from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files, ensure_output_free
 from rebasin.lora import ADAPTER_CONFIG, is_adapter_dir, lora_site, permute_lora, read_adapter_config
 from rebasin.model import Model, open_model
 from rebasin.permutation import identity, load_perms, permute_tensor, save_perms, validate
@@ -112,18 +112,16 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     lost = [n for n in a.spec.shapes if n not in b.spec.shapes]
     if lost:
         raise IncompatibleInputsError("the new base lacks this tensor of the old base", file=b.path, tensor=lost[0])
-    if output.exists() and not overwrite and not dry_run:
-        from rebasin.errors import OutputExistsError  # noqa: PLC0415
-
-        raise OutputExistsError("output already exists; choose another path or pass --overwrite", file=output)
+    if not dry_run:
+        ensure_output_free(output, overwrite)
     if dry_run:
         return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, str(perms) if perms else None)})
 
     vocab: VocabMap | None = None
-    vocab_tensors = {n for n in a.spec.shapes if n in b.spec.shapes and _vocab_axes(a, b, n) is not None}
-    if vocab_tensors:
-        size_a = a.config.get("vocab_size") or a.spec.shapes[next(iter(vocab_tensors))][0]
-        size_b = b.config.get("vocab_size") or b.spec.shapes[next(iter(vocab_tensors))][0]
+    vocab_axes = {n: ax for n in a.spec.shapes if (ax := _vocab_axes(a, b, n)) is not None}
+    if vocab_axes:
+        size_a = a.config.get("vocab_size") or a.spec.shapes[next(iter(vocab_axes))][0]
+        size_b = b.config.get("vocab_size") or b.spec.shapes[next(iter(vocab_axes))][0]
         vocab = vocab_map(a.checkpoint.directory, b.checkpoint.directory, size_a, size_b)
 
     pi: dict[str, torch.Tensor] | None = None
@@ -157,7 +155,7 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
         if adapter:
             stats = _write_adapter(tmp, ft_ckpt, a, b, pi, alpha, finetuned, progress)
         else:
-            stats = _write_full(tmp, a, ft, b, pi, alpha, out_dtype, vocab, progress)
+            stats = _write_full(tmp, a, ft, b, pi, alpha, out_dtype, vocab, vocab_axes, progress)
         report.update(stats)
         if pi is not None:
             save_perms(tmp / PERMS_FILE, pi, family=a.family, source=str(a.path), target=str(b.path))
@@ -166,7 +164,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
 
 
 def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Tensor] | None, alpha: float,
-                out_dtype: torch.dtype | None, vocab: VocabMap | None, progress: bool) -> dict[str, Any]:
+                out_dtype: torch.dtype | None, vocab: VocabMap | None, vocab_axes: dict[str, int],
+                progress: bool) -> dict[str, Any]:
     writer = CheckpointWriter(tmp)
     with_delta = copied = 0
     sq_norm = 0.0
@@ -184,7 +183,7 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
         if pi is not None:
             delta = permute_tensor(a.spec, name, delta, pi)
         out = tb.to(torch.float32)
-        axis = _vocab_axes(a, b, name)
+        axis = vocab_axes.get(name)
         if axis is None:
             out = out + alpha * delta
         else:

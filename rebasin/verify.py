@@ -13,7 +13,7 @@ from rebasin.permutation import apply_to_state
 from rebasin.specs import Spec, resolve_spec
 
 
-def _inputs(config: dict[str, Any], model: torch.nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _inputs(config: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
     mt = config.get("model_type")
     if mt == "vit":
         size, ch = config.get("image_size", 224), config.get("num_channels", 3)
@@ -46,7 +46,7 @@ def verify_symmetry(model_dir: Path, spec: Spec, perms: Mapping[str, torch.Tenso
     if getattr(model.config, "tie_word_embeddings", False):
         permuted.tie_weights()
     gen = torch.Generator().manual_seed(seed)
-    inputs = _inputs(config.to_dict(), model, gen)
+    inputs = _inputs(config.to_dict(), gen)
     with torch.no_grad():
         ya, yb = model(**inputs), permuted(**inputs)
     out_a = ya[0] if not hasattr(ya, "logits") else ya.logits

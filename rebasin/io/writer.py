@@ -27,6 +27,12 @@ AUX_FILES = (
 DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
+def ensure_output_free(out: Path, overwrite: bool) -> None:
+    """Raise OutputExistsError when ``out`` exists and ``overwrite`` is False."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError("output already exists; choose another path or pass --overwrite", file=out)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` only if the block succeeds.
@@ -35,8 +41,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
     On any exception the temporary directory is removed and ``out`` is left untouched.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output already exists; choose another path or pass --overwrite", file=out)
+    ensure_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.rebasin-tmp-{os.getpid()}"
     if tmp.exists():

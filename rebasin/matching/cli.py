@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from rebasin.errors import OutputExistsError, WriteError
+from rebasin.errors import WriteError
+from rebasin.io.writer import ensure_output_free
 from rebasin.matching.api import match
 from rebasin.matching.engine import MatchResult
 from rebasin.model import open_model
@@ -29,8 +30,7 @@ def format_result(result: MatchResult) -> str:
 
 def atomic_write(path: Path, write, *, overwrite: bool) -> None:  # noqa: ANN001
     """Call ``write(tmp_path)`` then rename onto ``path``; nothing is left on failure."""
-    if path.exists() and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite", file=path)
+    ensure_output_free(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.rebasin-tmp-{os.getpid()}"
     try:
@@ -46,13 +46,9 @@ def atomic_write(path: Path, write, *, overwrite: bool) -> None:  # noqa: ANN001
 
 def run_match(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite", file=out)
-    config = None
-    if args.config:
-        config = args.config
-    source = open_model(args.source, family=args.arch, config=config)
-    target = open_model(args.target, family=args.arch, config=config)
+    ensure_output_free(out, args.overwrite)
+    source = open_model(args.source, family=args.arch, config=args.config)
+    target = open_model(args.target, family=args.arch, config=args.config)
     result = match(source, target, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed, device=args.device)
     extra = {"objective_identity": repr(result.objective_identity), "objective": repr(result.objective),
              "solver": args.solver, "seed": str(args.seed)}

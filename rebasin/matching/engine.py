@@ -13,8 +13,10 @@ coordinate descent from the identity falls into. Attention groups are updated he
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,22 +83,17 @@ class Timer:
         self.device = device
         self.totals: dict[str, float] = {}
 
-    def __call__(self, phase: str):  # noqa: ANN204
-        import contextlib
-        import time
-
-        @contextlib.contextmanager
-        def ctx():  # noqa: ANN202
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
-            try:
-                yield
-            finally:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
-        return ctx()
+            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def objective(spec: Spec, a: State, b: State, perms: Mapping[str, torch.Tensor], names: list[str] | None = None) -> float:
