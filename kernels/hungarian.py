@@ -276,5 +276,5 @@ def assignment_objective(cost: torch.Tensor, perm: torch.Tensor) -> torch.Tensor
     """``sum_i cost[k, i, perm[k, i]]`` per problem, in float64."""
     c = cost.unsqueeze(0) if cost.dim() == 2 else cost
     p = perm.unsqueeze(0) if perm.dim() == 1 else perm
-    obj = c.double().gather(2, p.unsqueeze(2)).squeeze(2).sum(dim=1)
+    obj = c.gather(2, p.to(c.device, torch.int64).unsqueeze(2)).squeeze(2).double().sum(dim=1)
     return obj[0] if cost.dim() == 2 else obj

@@ -249,6 +249,18 @@ def _sinkhorn_tiled(c: torch.Tensor, eps: float, n_iters: int, tol: float,
     stop_at = torch.full((b,), n_iters, dtype=torch.int64, device=dev)
     strides = (c.stride(0), c.stride(1), c.stride(2))
     checked = 0  # errors of iterates 1..checked have been examined
+
+    def retire(lo: int, hi: int) -> None:
+        """Return (and deactivate) each active problem's first iterate in lo..hi below tol."""
+        hit = (errs[lo:hi + 1].amax(dim=2) < tol) & (active != 0)[None, :]  # (k, b)
+        idx = torch.nonzero(hit.any(dim=0)).flatten()  # the sync
+        if idx.numel():
+            first = lo + hit.int().argmax(dim=0)[idx]
+            f_out[idx] = f_ring[first % ring, idx]
+            g_out[idx] = g_ring[first % ring, idx]
+            stop_at[idx] = first
+            active[idx] = 0
+
     for t in range(1, n_iters + 1):
         prev, cur = (t - 1) % ring, t % ring
         _sinkhorn_row_pass[(b, n_rb)](
@@ -261,36 +273,15 @@ def _sinkhorn_tiled(c: torch.Tensor, eps: float, n_iters: int, tol: float,
         )
         if t < n_iters and tol > 0 and (t % check_every == 0):
             # iterates checked+1 .. t-1 now have errors (computed in passes checked+2 .. t)
-            lo, hi = checked + 1, t - 1
-            if hi >= lo:
-                e = errs[lo:hi + 1].amax(dim=2)  # (k, b)
-                hit = (e < tol) & (active != 0)[None, :]
-                any_hit = hit.any(dim=0)
-                if bool(any_hit.any()):  # the sync
-                    first = lo + hit.int().argmax(dim=0)  # first converged iterate per problem
-                    idx = torch.nonzero(any_hit).flatten()
-                    slots = first[idx] % ring
-                    f_out[idx] = f_ring[slots, idx]
-                    g_out[idx] = g_ring[slots, idx]
-                    stop_at[idx] = first[idx]
-                    active[idx] = 0
-                    if not bool(active.any()):
-                        break
-                checked = hi
+            if t - 1 >= checked + 1:
+                retire(checked + 1, t - 1)
+                if not bool(active.any()):
+                    break
+                checked = t - 1
     # a final look at the errors not yet examined (iterates checked+1 .. last-1)
     last = t
     if tol > 0 and last - 1 >= checked + 1 and bool(active.any()):
-        lo, hi = checked + 1, last - 1
-        e = errs[lo:hi + 1].amax(dim=2)
-        hit = (e < tol) & (active != 0)[None, :]
-        any_hit = hit.any(dim=0)
-        first = lo + hit.int().argmax(dim=0)
-        idx = torch.nonzero(any_hit).flatten()
-        slots = first[idx] % ring
-        f_out[idx] = f_ring[slots, idx]
-        g_out[idx] = g_ring[slots, idx]
-        stop_at[idx] = first[idx]
-        active[idx] = 0
+        retire(checked + 1, last - 1)
     rest = torch.nonzero(active != 0).flatten()
     if rest.numel():
         f_out[rest] = f_ring[last % ring, rest]

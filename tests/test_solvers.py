@@ -183,6 +183,24 @@ def test_lapx_unavailable_message(monkeypatch):
         S.solve(np.eye(3), method="lapx")
 
 
+@pytest.mark.parametrize("maximize", [True, False])
+def test_auto_row_bound_path_and_mixed_batches(maximize):
+    strong = make_cost("strong", 300, seed=4) * (1 if maximize else -1)
+    res = solve(strong, method="auto", maximize=maximize)
+    assert res.stats["auto_choice"] == "row-best" and res.certified
+    assert float(res.objective) == pytest.approx(ref_objective(strong, maximize)[0], rel=1e-12)
+    # a batch where the row bound settles some problems and a backend the rest
+    mixed = torch.cat([make_cost("strong", 40, batch=3, seed=5), make_cost("uniform", 40, batch=3, seed=6)])
+    mixed = mixed[torch.tensor([0, 3, 1, 4, 2, 5])] * (1 if maximize else -1)
+    res = solve(mixed, method="auto", maximize=maximize)
+    assert res.stats["row_best"] == 3 and res.stats["auto_choice"] != "row-best"
+    np.testing.assert_allclose(res.objective.numpy(), ref_objective(mixed, maximize), rtol=1e-12)
+    assert_valid(res, (6, 40))
+    # ties: every row's best column is column 0, not a permutation -> a backend decides
+    res = solve(torch.ones(5, 5), method="auto", maximize=maximize)
+    assert res.stats["row_best"] == 0 and float(res.objective) == 5.0
+
+
 def test_auto_choice_hook():
     from rebasin.solvers import _auto_choice
 

@@ -201,6 +201,9 @@ def match_states(
 
     order = list(spec.groups)
     proposals: dict = {}
+    reads = read_sets(spec)
+    version = dict.fromkeys(order, 0)  # bumped whenever a group's permutation changes
+    seen: dict[str, tuple[int, ...]] = {}  # versions of reads[g] when g was last evaluated
     converged = False
     sweep = 0
     bar = tqdm(total=max_sweeps * len(order), desc="match", unit="group", disable=not progress)
@@ -210,11 +213,17 @@ def match_states(
         for name in order:
             group = spec.groups[name]
             bar.set_postfix_str(f"sweep {sweep} {name}", refresh=False)
-            if group.is_attention:
-                changed |= update_attention(spec, a, b, group, perms, solver=solver, timer=timer,
+            inputs = tuple(version[r] for r in reads[name])
+            # same inputs as at its last evaluation: the exact step would return the same π_g
+            if seen.get(name) != inputs:
+                seen[name] = inputs
+                if group.is_attention:
+                    step = update_attention(spec, a, b, group, perms, solver=solver, timer=timer,
                                             proposals=proposals)
-            else:
-                changed |= _update_plain(spec, a, b, name, perms, solver, timer)
+                else:
+                    step = _update_plain(spec, a, b, name, perms, solver, timer)
+                version[name] += step
+                changed |= step
             bar.update(1)
         with timer("objective"):
             history.append(objective(spec, a, b, perms))
@@ -242,6 +251,24 @@ def match_states(
             stats.append(GroupStats(group.name, group.kind, group.size, moved, before, after))
     return MatchResult({k: v.cpu() for k, v in perms.items()}, j_identity, history, sweep, converged, stats,
                        dict(timer.totals), solver)
+
+
+def read_sets(spec: Spec) -> dict[str, tuple[str, ...]]:
+    """Per group, the groups whose permutations its coordinate step reads.
+
+    A plain group's cost reads the groups on the other axes of its tensors; it also reads its
+    own π when a tensor carries it on two axes, and an attention update always does (it refines
+    the current heads), so those are re-evaluated after their own change.
+    """
+    reads: dict[str, set[str]] = {g: set() for g in spec.groups}
+    for axes in spec.axes.values():
+        groups = [r.group for r in axes if r is not None]
+        for i, g in enumerate(groups):
+            reads[g].update(groups[:i] + groups[i + 1:])
+    for name, group in spec.groups.items():
+        if group.is_attention:
+            reads[name].add(name)
+    return {g: tuple(sorted(r)) for g, r in reads.items()}
 
 
 def _update_plain(spec: Spec, a: State, b: State, name: str, perms: Perms, solver: str, timer: Timer) -> bool:

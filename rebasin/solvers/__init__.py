@@ -10,6 +10,11 @@ certified, gap, method, stats). Every backend returns valid permutations or rais
 Backends (``SOLVERS``): scipy (reference), lapx (JV), emd (POT network simplex), sinkhorn
 (entropic, approximate, with a dual gap bound), certified (Sinkhorn/reduction duals -> sparse
 exact -> dense dual certificate), and ``auto`` which picks among them (see ``_auto_choice``).
+
+``auto`` first tries the row bound: if every row's best column is a different column, that
+permutation is optimal (no assignment can beat the sum of row maxima; duals u = row maxima,
+v = 0 certify it). Planted, same-lineage and other strong-signal costs are solved by this one
+O(n^2) pass; the rest go to the backend ``_auto_choice`` names.
 """
 from __future__ import annotations
 
@@ -40,8 +45,6 @@ __all__ = ["solve", "Assignment", "SolverSpec", "SolverUnavailable", "available_
 AUTO_DENSE_MAX_N = 768
 AUTO_EASY_MUTUAL = 0.9  # sampled rows whose best column picks them back: JV is "easy" above
 AUTO_SAMPLE_ROWS = 64
-# batches of problems up to this size: a plain scipy loop beat lapx's threaded batch API
-AUTO_BATCH_SCIPY_MAX_N = 64
 
 
 TRITON_MAX_N = 128  # batched GPU Hungarian (kernels.hungarian): one program per problem
@@ -80,16 +83,29 @@ def mutual_best_fraction(c: torch.Tensor, maximize: bool, rows: int = AUTO_SAMPL
     return float((back == idx).float().mean())
 
 
+def row_best_assignment(c: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best column, and whether that is a permutation (hence optimal) per problem.
+
+    Args: c (b, n, n). Returns (perm (b, n) int64, ok (b,) bool). Where ``ok``, ``perm`` attains
+    ``sum_i max_j c[i, j]`` (min for minimisation), an upper (lower) bound on every assignment.
+    """
+    b, n = c.shape[0], c.shape[1]
+    best = (torch.argmax if maximize else torch.argmin)(c, dim=2)
+    hit = torch.zeros(b, n, dtype=torch.bool, device=c.device).scatter_(1, best, True)
+    return best, hit.all(dim=1)
+
+
 def _auto_choice(b: int, n: int, device: torch.device | str, cost: Array | None = None,
                  maximize: bool = True) -> str:
     """Backend name for a (b, n, n) problem on ``device``.
 
-    Hook for GPU backends: a batched CUDA kernel should be returned here for CUDA inputs with
-    many small problems (b > 1, small n) once registered in ``SOLVERS``.
+    CUDA, n <= TRITON_MAX_N: the batched GPU Hungarian. n <= AUTO_DENSE_MAX_N or batches: dense
+    JV (lapx, else scipy). Larger: dense JV when sampled rows show a clear
+    diagonal, scipy on heavily tied costs, else the certified sparse path.
     """
     dense = "lapx" if lapx_available() else "scipy"
-    if b > 1 and n <= AUTO_BATCH_SCIPY_MAX_N:
-        return "scipy"  # lapx's threaded batch entry costs ~2 ms of pool overhead per call
+    if torch.device(device).type == "cuda" and n <= TRITON_MAX_N and SOLVERS["triton"].available():
+        return "triton"
     if n <= AUTO_DENSE_MAX_N or b > 1:
         return dense
     if cost is not None:
@@ -104,12 +120,32 @@ def _auto_choice(b: int, n: int, device: torch.device | str, cost: Array | None 
 
 
 def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
-    """Pick the fastest exact backend for the shape/device (``_auto_choice``) and run it."""
-    b, n = cost.shape[0], cost.shape[1]
-    dev = cost.device if isinstance(cost, torch.Tensor) else "cpu"
-    name = _auto_choice(b, n, dev, cost, maximize)
-    res = SOLVERS[name].fn(cost, maximize, **opts)
-    res.stats = {**res.stats, "auto_choice": name}
+    """Row bound first (``row_best_assignment``); the problems it leaves go to the fastest exact
+    backend for the shape/device (``_auto_choice``). perm (b, n), certified."""
+    from rebasin.solvers._common import make_result  # noqa: PLC0415
+
+    c = torch.as_tensor(cost)
+    b, n = c.shape[0], c.shape[1]
+    best, ok = row_best_assignment(c, maximize)
+    n_ok = int(ok.sum())
+    if n_ok == b:
+        res = make_result(c, best.cpu().numpy(), "auto", certified=True, gap=0.0)
+        res.stats = {"auto_choice": "row-best", "row_best": b}
+        return res
+    rest = torch.nonzero(~ok).flatten()
+    sub = c if n_ok == 0 else c.index_select(0, rest)
+    name = _auto_choice(sub.shape[0], n, c.device, sub, maximize)
+    res = SOLVERS[name].fn(sub, maximize, **opts)
+    if not res.certified:  # the fp32 GPU Hungarian's float64 dual check failed: solve exactly
+        name = "scipy"
+        res = solve_scipy(sub, maximize)
+    if n_ok:
+        perm = best.cpu().clone()
+        perm[rest.cpu()] = res.perm.cpu()
+        merged = make_result(c, perm.numpy(), res.method, certified=res.certified, gap=res.gap)
+        merged.stats = res.stats
+        res = merged
+    res.stats = {**res.stats, "auto_choice": name, "row_best": n_ok}
     return res
 
 

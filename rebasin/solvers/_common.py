@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels.hungarian import assignment_objective, check_permutations
+
 Array = np.ndarray | torch.Tensor
 
 
@@ -78,29 +80,17 @@ def to_numpy(cost: Array, dtype=None) -> np.ndarray:
 
 
 def objective_of(cost: Array, perm: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """float64 ``sum_i cost[b, i, perm[b, i]]`` for a (b, n, n) cost and (b, n) perm; shape (b,)."""
-    if isinstance(cost, torch.Tensor):
-        p = torch.as_tensor(perm, device=cost.device, dtype=torch.int64)
-        vals = torch.gather(cost.detach(), 2, p.unsqueeze(-1)).squeeze(-1)
-        return vals.to(torch.float64).sum(-1).cpu()
-    c = np.asarray(cost)
-    p = np.asarray(perm, dtype=np.int64)
-    vals = np.take_along_axis(c, p[..., None], axis=2)[..., 0]
-    return torch.from_numpy(vals.astype(np.float64).sum(-1))
+    """float64 ``sum_i cost[b, i, perm[b, i]]`` for a (b, n, n) cost and (b, n) perm; shape (b,), CPU."""
+    return assignment_objective(torch.as_tensor(cost), torch.as_tensor(perm)).cpu()
 
 
 def check_perm(perm: np.ndarray | torch.Tensor, n: int, method: str) -> None:
     """Raise RuntimeError unless every row of the (b, n) ``perm`` is a permutation of 0..n-1."""
-    p = perm.detach().cpu().numpy() if isinstance(perm, torch.Tensor) else np.asarray(perm)
+    p = torch.as_tensor(perm)
     if p.ndim != 2 or p.shape[1] != n:
-        raise RuntimeError(f"solver {method!r} returned perm of shape {p.shape}, expected (b, {n})")
-    if n == 0:
-        return
-    if p.min(initial=0) < 0 or p.max(initial=0) >= n:
-        raise RuntimeError(f"solver {method!r} returned an out-of-range column index")
-    s = np.sort(p, axis=1)
-    if not np.array_equal(s, np.broadcast_to(np.arange(n), s.shape)):
-        raise RuntimeError(f"solver {method!r} returned a non-permutation")
+        raise RuntimeError(f"solver {method!r} returned perm of shape {tuple(p.shape)}, expected (b, {n})")
+    if not check_permutations(p):
+        raise RuntimeError(f"solver {method!r} returned a non-permutation (a row is not a permutation of 0..{n - 1})")
 
 
 def make_result(

@@ -4,7 +4,10 @@ Math: ``min_perm sum_i C[i, perm[i]]`` (maximisation solves ``-C``). ``precision
 (default) runs the float64 kernel: exact, certified=True, gap=0. ``precision="float32"`` runs
 the 2-3x faster float32 kernel: the answer is optimal for the float32-rounded costs, which is
 almost always the float64 optimum too, but not proven: certified=False, gap=None.
-Batches use lapx's threaded batch entry point (``n_threads``; default all cores).
+Batches of small problems (n <= LOOP_MAX_N) run one ``lapjvs`` call per problem: lapx's threaded
+batch entry point pays a thread-pool start per call that costs more than the solves (measured on
+2 cores: 1024 problems of 64x64 in 0.055 s looped vs 0.095 s batched). Larger problems use the
+batch entry point (``n_threads``; default all cores).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import importlib.util
 import numpy as np
 
 from rebasin.solvers._common import Array, Assignment, SolverUnavailable, make_result, to_numpy
+
+LOOP_MAX_N = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,10 +42,9 @@ def solve_lapx(cost: Array, maximize: bool = True, *, precision: str = "float64"
 
     if precision not in ("float64", "float32"):
         raise ValueError(f"lapx precision must be 'float64' or 'float32', got {precision!r}")
-    c = to_numpy(cost, np.float64 if precision == "float64" else np.float32)
-    if maximize:
-        c = -c
-    c = np.ascontiguousarray(c)
+    dtype = np.float64 if precision == "float64" else np.float32
+    c = to_numpy(cost)  # one fused cast (+ negation) pass: the copy costs ~10% of small solves
+    c = np.ascontiguousarray(np.negative(c, dtype=dtype) if maximize else np.array(c, dtype=dtype))
     b, n = c.shape[0], c.shape[1]
     perm = np.empty((b, n), dtype=np.int64)
     f32 = precision == "float32"
@@ -48,9 +52,10 @@ def solve_lapx(cost: Array, maximize: bool = True, *, precision: str = "float64"
         pass
     elif n == 1:
         perm[:] = 0
-    elif b == 1:
-        _, x, _ = lap.lapjvs(c[0], extend_cost=False, jvx_like=False, prefer_float32=f32)
-        perm[0] = x
+    elif b == 1 or n <= LOOP_MAX_N:
+        for k in range(b):
+            _, x, _ = lap.lapjvs(c[k], extend_cost=False, jvx_like=False, prefer_float32=f32)
+            perm[k] = x
     else:
         _, rows_list, cols_list = lap.lapjvs_batch(c, extend_cost=False, n_threads=n_threads, prefer_float32=f32)
         for k in range(b):
