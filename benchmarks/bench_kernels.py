@@ -16,13 +16,12 @@ tool, not a benchmark, and the records say ``triton: "not measured (cpu)"``.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import synchronize, timeit
+from benchmarks.common import synchronize, timeit, torch_linear_assignment_baseline
 from kernels.backend import triton_usable
 from kernels.cost_builder import gathered_cost, gathered_cost_reference
 from kernels.hungarian import assignment_objective, batched_lap, batched_lap_reference
@@ -165,19 +164,9 @@ def bench_lap(quick: bool, device: str) -> list[dict]:
             rec["seconds"] = t_scipy
             rec["objective"] = ref_obj
             rec["triton"] = NOT_MEASURED
-        if importlib.util.find_spec("torch_linear_assignment") is not None and device.startswith("cuda"):
-            try:
-                from torch_linear_assignment import batch_linear_assignment
-
-                t_tla, perm_t = timeit(lambda: batch_linear_assignment(-cost), device=device, repeat=5)
-                rec["torch_linear_assignment_seconds"] = t_tla
-                rec["torch_linear_assignment_objective"] = float(assignment_objective(cost, perm_t.long()).sum())
-                if gpu:
-                    rec["ratio_vs_torch_linear_assignment"] = t_tla / rec["seconds"]
-            except Exception as exc:  # noqa: BLE001 — an optional baseline must not sink the run
-                rec["torch_linear_assignment"] = f"failed: {type(exc).__name__}: {exc}"
-        else:
-            rec["torch_linear_assignment"] = "not installed"
+        rec.update(torch_linear_assignment_baseline(cost, device))
+        if gpu and "torch_linear_assignment_s" in rec:
+            rec["ratio_vs_torch_linear_assignment"] = rec["torch_linear_assignment_s"] / rec["seconds"]
         synchronize(device)
         records.append(rec)
     return records

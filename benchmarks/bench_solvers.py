@@ -1,5 +1,6 @@
-"""Linear-assignment solvers: baselines (scipy, lapx float64, lapx float32, POT emd) vs ours
-(``certified`` and ``auto``) on synthetic problems (rebasin.solvers.problems).
+"""Linear-assignment solvers: baselines (scipy, lapx float64, lapx float32, POT emd, and on a GPU
+``torch-linear-assignment`` for head batches) vs ours (``certified`` and ``auto``) on synthetic
+problems (rebasin.solvers.problems).
 
 Records per case: seconds per method, objective, reference objective (scipy where run, else the
 best exact objective), ``ratio_vs_<baseline>`` = baseline seconds / our seconds, and whether the
@@ -13,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import timeit
+from benchmarks.common import timeit, torch_linear_assignment_baseline
 from rebasin.solvers import available_solvers, solve
 from rebasin.solvers.problems import make_cost
 
@@ -41,7 +42,7 @@ def _solver_call(method: str, cost: torch.Tensor):
 
 def run(quick: bool, device: str) -> list[dict]:
     records: list[dict] = []
-    sizes = [256, 1024] if quick else [1024, 4096, 8192, 16384]
+    sizes = [256, 1024] if quick else [256, 1024, 4096, 8192, 16384]
     baselines = [m for m in ("scipy", "lapx", "lapx32", "emd") if m.rstrip("32") in available_solvers()]
     ours = ["certified", "auto"]
     for kind in ("strong", "weak", "uniform"):
@@ -100,6 +101,11 @@ def run(quick: bool, device: str) -> list[dict]:
                 res = res_m
             rec[f"{m}_s"] = round(s, 4)
         ref = objs["scipy"]
+        rec.update(torch_linear_assignment_baseline(cost, device))
+        if "torch_linear_assignment_s" in rec:
+            rec["ratio_auto_vs_torch_linear_assignment"] = round(rec["torch_linear_assignment_s"] / times["auto"], 3)
+            rec["torch_linear_assignment_matches"] = bool(
+                np.isclose(rec["torch_linear_assignment_objective"], ref.sum(), rtol=1e-6))
         rec["seconds"] = times["auto"]
         rec["auto_choice"] = res.stats.get("auto_choice")
         rec["auto_matches"] = bool(np.allclose(objs["auto"], ref, rtol=1e-9))

@@ -10,6 +10,7 @@ and, where it applies, ``objective``, ``reference_objective`` and ``ratio_vs_<ba
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -57,6 +58,27 @@ def timeit(fn: Callable[[], Any], *, device: str = "cpu", repeat: int = 3, warmu
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result
+
+
+def torch_linear_assignment_baseline(cost: torch.Tensor, device: str, maximize: bool = True) -> dict[str, Any]:
+    """Time ``torch_linear_assignment.batch_linear_assignment`` (GPU baseline) on a (b, n, n) cost.
+
+    Returns ``{"torch_linear_assignment_s", "torch_linear_assignment_objective"}`` (objective summed
+    over the batch), or ``{"torch_linear_assignment": why not}`` when it cannot run here.
+    """
+    if not device.startswith("cuda"):
+        return {"torch_linear_assignment": "GPU only"}
+    if importlib.util.find_spec("torch_linear_assignment") is None:
+        return {"torch_linear_assignment": "not installed"}
+    try:
+        from torch_linear_assignment import batch_linear_assignment  # noqa: PLC0415
+
+        c = -cost if maximize else cost
+        seconds, perm = timeit(lambda: batch_linear_assignment(c), device=device, repeat=5)
+        obj = cost.gather(2, perm.long().unsqueeze(2)).double().sum()
+        return {"torch_linear_assignment_s": seconds, "torch_linear_assignment_objective": float(obj)}
+    except Exception as exc:  # noqa: BLE001 — an optional baseline must not sink the run
+        return {"torch_linear_assignment": f"failed: {type(exc).__name__}: {exc}"}
 
 
 def write_results(name: str, records: list[dict], info: dict[str, Any], json_path: Path) -> Path:
