@@ -26,10 +26,10 @@ def _predicted(method: str, kind: str, n: int) -> float:
     if method == "emd":
         return 4.0 * (n / 4096) ** 3 if kind != "strong" else 2.0 * (n / 4096) ** 3
     if method == "scipy":
-        base = {"strong": 0.5, "weak": 1.8, "uniform": 2.4}[kind]
+        base = {"strong": 0.5, "moderate": 0.4, "weak": 1.8, "uniform": 2.4}[kind]
         return base * (n / 4096) ** 2.6
     if method.startswith("lapx"):
-        base = {"strong": 0.1, "weak": 2.0, "uniform": 0.6}[kind]
+        base = {"strong": 0.1, "moderate": 0.1, "weak": 2.0, "uniform": 0.6}[kind]
         return base * (n / 4096) ** 2.6
     return 0.0
 
@@ -45,7 +45,7 @@ def run(quick: bool, device: str) -> list[dict]:
     sizes = [256, 1024] if quick else [256, 1024, 4096, 8192, 16384]
     baselines = [m for m in ("scipy", "lapx", "lapx32", "emd") if m.rstrip("32") in available_solvers()]
     ours = ["certified", "auto"]
-    for kind in ("strong", "weak", "uniform"):
+    for kind in ("strong", "moderate", "weak", "uniform"):
         for n in sizes:
             cost = make_cost(kind, n, seed=0).to(device)
             repeat = 3 if n <= 1024 else 1

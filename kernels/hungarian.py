@@ -57,15 +57,26 @@ def _dual_dtype(cost: torch.Tensor) -> torch.dtype:
     return torch.float64 if cost.dtype == torch.float64 else torch.float32
 
 
-def check_permutations(perm: torch.Tensor) -> bool:
+def column_hits(perm: np.ndarray) -> np.ndarray:
+    """(b, n) counts: how many rows of each problem chose column j (perm (b, n) in 0..n-1)."""
+    b, n = perm.shape
+    flat = (perm + (np.arange(b) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n)
+
+
+def check_permutations(perm: torch.Tensor | np.ndarray) -> bool:
     """True when every row of ``perm`` (b, n) is a permutation of 0..n-1."""
-    if perm.numel() == 0:
+    if perm.size == 0 if isinstance(perm, np.ndarray) else perm.numel() == 0:
         return True
     b, n = perm.shape
+    if isinstance(perm, np.ndarray) or perm.device.type == "cpu":  # numpy: cheap for small solves
+        p = np.asarray(perm)
+        return bool(p.min() >= 0 and p.max() < n and (column_hits(p) == 1).all())
     if bool(((perm < 0) | (perm >= n)).any()):
         return False
-    srt = perm.sort(dim=1).values
-    return bool((srt == torch.arange(n, device=perm.device)).all())
+    hits = torch.zeros(b, n, dtype=torch.int32, device=perm.device)
+    hits.scatter_add_(1, perm, torch.ones_like(perm, dtype=torch.int32))
+    return bool((hits == 1).all())
 
 
 # --------------------------------------------------------------------------------------

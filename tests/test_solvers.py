@@ -185,20 +185,22 @@ def test_lapx_unavailable_message(monkeypatch):
 
 @pytest.mark.parametrize("maximize", [True, False])
 def test_auto_row_bound_path_and_mixed_batches(maximize):
-    strong = make_cost("strong", 300, seed=4) * (1 if maximize else -1)
+    strong = make_cost("strong", 600, seed=4) * (1 if maximize else -1)
     res = solve(strong, method="auto", maximize=maximize)
     assert res.stats["auto_choice"] == "row-best" and res.certified
     assert float(res.objective) == pytest.approx(ref_objective(strong, maximize)[0], rel=1e-12)
     # a batch where the row bound settles some problems and a backend the rest
-    mixed = torch.cat([make_cost("strong", 40, batch=3, seed=5), make_cost("uniform", 40, batch=3, seed=6)])
+    mixed = torch.cat([make_cost("strong", 256, batch=3, seed=5), make_cost("uniform", 256, batch=3, seed=6)])
     mixed = mixed[torch.tensor([0, 3, 1, 4, 2, 5])] * (1 if maximize else -1)
     res = solve(mixed, method="auto", maximize=maximize)
     assert res.stats["row_best"] == 3 and res.stats["auto_choice"] != "row-best"
     np.testing.assert_allclose(res.objective.numpy(), ref_objective(mixed, maximize), rtol=1e-12)
-    assert_valid(res, (6, 40))
+    assert_valid(res, (6, 256))
     # ties: every row's best column is column 0, not a permutation -> a backend decides
-    res = solve(torch.ones(5, 5), method="auto", maximize=maximize)
-    assert res.stats["row_best"] == 0 and float(res.objective) == 5.0
+    res = solve(torch.ones(600, 600), method="auto", maximize=maximize)
+    assert res.stats["row_best"] == 0 and float(res.objective) == 600.0
+    # small inputs skip the bound
+    assert "row_best" not in solve(make_cost("strong", 64, seed=1), method="auto").stats
 
 
 def test_auto_choice_hook():
@@ -206,6 +208,25 @@ def test_auto_choice_hook():
 
     assert _auto_choice(1, 16, "cpu") in ("lapx", "scipy")
     assert _auto_choice(1, 10_000, "cpu") == "certified"
+    dense = "lapx" if "lapx" in available_solvers() else "scipy"
+    assert _auto_choice(1, 10_000, "cpu", distinct=0.9) == dense  # few conflicts: dense JV
+    tied = make_cost("integer", 1024, seed=0)[None]
+    assert _auto_choice(1, 1024, "cpu", 0.5, tied) == "scipy"
+
+
+def test_auto_between_row_bound_and_dense_jv():
+    """Planted costs with noise: the row bound settles none, JV or the certificate takes over,
+    the optimum is scipy's either way."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1024, 256
+    a = torch.randn(n, d, generator=g)
+    for sigma, want in ((3.0, "lapx"), (6.0, "certified")):
+        c = (a[torch.randperm(n, generator=g)] + sigma * torch.randn(n, d, generator=g)) @ a.T / d
+        res = solve(c, method="auto")
+        assert res.stats["row_best"] == 0 and res.certified
+        if "lapx" in available_solvers():
+            assert res.stats["auto_choice"] == want
+        assert float(res.objective) == pytest.approx(ref_objective(c, True)[0], rel=1e-12)
 
 
 @pytest.mark.gpu

@@ -11,16 +11,18 @@ Backends (``SOLVERS``): scipy (reference), lapx (JV), emd (POT network simplex),
 (entropic, approximate, with a dual gap bound), certified (Sinkhorn/reduction duals -> sparse
 exact -> dense dual certificate), and ``auto`` which picks among them (see ``_auto_choice``).
 
-``auto`` first tries the row bound: if every row's best column is a different column, that
-permutation is optimal (no assignment can beat the sum of row maxima; duals u = row maxima,
-v = 0 certify it). Planted, same-lineage and other strong-signal costs are solved by this one
-O(n^2) pass; the rest go to the backend ``_auto_choice`` names.
+``auto`` first tries the row bound (inputs of ROW_BOUND_MIN_ENTRIES entries or more): if every
+row's best column is a different column, that permutation is optimal (no assignment can beat
+the sum of row maxima; duals u = row maxima, v = 0 certify it). Planted, same-lineage and other
+strong-signal costs are solved by this one O(n^2) pass; the rest go to the backend
+``_auto_choice`` names.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from kernels.hungarian import column_hits
 from rebasin.solvers._common import (
     Array,
     Assignment,
@@ -40,11 +42,15 @@ __all__ = ["solve", "Assignment", "SolverSpec", "SolverUnavailable", "available_
 # ---- auto thresholds (measured on a 2-core CPU, see benchmarks/results/solvers-cpu.md) ------
 # Below AUTO_DENSE_MAX_N a dense JV solve (lapx, else scipy) is always fastest: the certified
 # path pays ~4 dense O(n^2) passes plus sparse overhead. Above it, dense JV is still fastest
-# when the problem is "easy" (a clear diagonal: sampled rows and their best columns are mutual bests,
-# JV's column reduction + few augmentations finish it); otherwise ``certified``.
+# while the rows' best columns are mostly distinct (few conflicts left for JV's augmentations):
+# planted costs with growing noise, n = 2048 / 8192, lapx vs certified seconds, by the fraction
+# of distinct best columns: 0.92 -> 0.018/0.043, 0.51/1.30; 0.86 -> 0.032/0.079, 1.30/1.57;
+# 0.80-0.83 -> 0.118/0.081, 2.27/1.72 (dense JV degrades fast below; certified stays flat).
 AUTO_DENSE_MAX_N = 768
-AUTO_EASY_MUTUAL = 0.9  # sampled rows whose best column picks them back: JV is "easy" above
-AUTO_SAMPLE_ROWS = 64
+AUTO_EASY_DISTINCT = 0.85
+# below this many cost entries the row bound can save at most ~0.1 ms but costs ~0.05 ms of
+# dispatch: small inputs go straight to the backend
+ROW_BOUND_MIN_ENTRIES = 1 << 18
 
 
 TRITON_MAX_N = 128  # batched GPU Hungarian (kernels.hungarian): one program per problem
@@ -72,48 +78,40 @@ def solve_triton(cost: Array, maximize: bool = True, **_: object) -> Assignment:
     return make_result(c, perm.cpu().numpy(), "triton", certified=gap <= tol, gap=gap)
 
 
-def mutual_best_fraction(c: torch.Tensor, maximize: bool, rows: int = AUTO_SAMPLE_ROWS) -> float:
-    """Fraction of sampled rows i whose best column j has i as its best row (1.0 on a permuted
-    copy; about one half or less on random or weak-signal costs). Reads rows·n + n·rows entries."""
-    n = c.shape[0]
-    idx = torch.linspace(0, n - 1, min(rows, n), device=c.device).long()
-    pick = torch.argmax if maximize else torch.argmin
-    best_col = pick(c[idx], dim=1)
-    back = pick(c.index_select(1, best_col), dim=0)
-    return float((back == idx).float().mean())
+def row_best_assignment(c: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """Each row's best column, and the fraction of distinct columns among them, per problem.
 
-
-def row_best_assignment(c: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's best column, and whether that is a permutation (hence optimal) per problem.
-
-    Args: c (b, n, n). Returns (perm (b, n) int64, ok (b,) bool). Where ``ok``, ``perm`` attains
-    ``sum_i max_j c[i, j]`` (min for minimisation), an upper (lower) bound on every assignment.
+    Args: c (b, n, n). Returns (perm (b, n) int64 on c's device, distinct (b,) float64 numpy).
+    Where ``distinct == 1``, ``perm`` is a permutation attaining ``sum_i max_j c[i, j]`` (min
+    for minimisation), a bound no assignment can beat: it is optimal, certified by the duals
+    u = row maxima, v = 0.
     """
     b, n = c.shape[0], c.shape[1]
+    if c.device.type == "cpu":  # numpy: ~3x faster argmax than torch's on CPU, cheaper small ops
+        best_np = (np.argmax if maximize else np.argmin)(c.detach().numpy(), axis=2)
+        return torch.from_numpy(best_np), (column_hits(best_np) > 0).mean(axis=1)
     best = (torch.argmax if maximize else torch.argmin)(c, dim=2)
-    hit = torch.zeros(b, n, dtype=torch.bool, device=c.device).scatter_(1, best, True)
-    return best, hit.all(dim=1)
+    hit_t = torch.zeros(b, n, dtype=torch.bool, device=c.device).scatter_(1, best, True)
+    return best, (hit_t.sum(dim=1) / max(n, 1)).cpu().double().numpy()
 
 
-def _auto_choice(b: int, n: int, device: torch.device | str, cost: Array | None = None,
-                 maximize: bool = True) -> str:
-    """Backend name for a (b, n, n) problem on ``device``.
+def _auto_choice(b: int, n: int, device: torch.device | str, distinct: float = 0.0,
+                 cost: torch.Tensor | None = None) -> str:
+    """Backend name for a (b, n, n) problem on ``device`` that the row bound did not settle.
 
-    CUDA, n <= TRITON_MAX_N: the batched GPU Hungarian. n <= AUTO_DENSE_MAX_N or batches: dense
-    JV (lapx, else scipy). Larger: dense JV when sampled rows show a clear
-    diagonal, scipy on heavily tied costs, else the certified sparse path.
+    ``distinct``: the smallest fraction of distinct best columns over the batch
+    (``row_best_assignment``). CUDA, n <= TRITON_MAX_N: the batched GPU Hungarian.
+    n <= AUTO_DENSE_MAX_N or batches: dense JV (lapx, else scipy). Larger: dense JV when the
+    best columns are mostly distinct (>= AUTO_EASY_DISTINCT); scipy on heavily tied ``cost``
+    (few distinct values in a sampled row: dual certificates degenerate); else ``certified``.
     """
     dense = "lapx" if lapx_available() else "scipy"
     if torch.device(device).type == "cuda" and n <= TRITON_MAX_N and SOLVERS["triton"].available():
         return "triton"
-    if n <= AUTO_DENSE_MAX_N or b > 1:
+    if n <= AUTO_DENSE_MAX_N or b > 1 or distinct >= AUTO_EASY_DISTINCT:
         return dense
     if cost is not None:
-        t = cost if isinstance(cost, torch.Tensor) else torch.from_numpy(np.asarray(cost))
-        if mutual_best_fraction(t[0], maximize) >= AUTO_EASY_MUTUAL:
-            return dense
-        # heavily tied costs (few distinct values): dual certificates degenerate -> scipy
-        row = t[0, 0, : min(n, 512)]
+        row = cost[0, 0, : min(n, 512)]
         if int(torch.unique(row).numel()) < row.numel() // 4:
             return "scipy"
     return "certified"
@@ -126,22 +124,29 @@ def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
 
     c = torch.as_tensor(cost)
     b, n = c.shape[0], c.shape[1]
-    best, ok = row_best_assignment(c, maximize)
+    if c.numel() < ROW_BOUND_MIN_ENTRIES:
+        name = _auto_choice(b, n, c.device, 0.0, c)
+        res = SOLVERS[name].fn(c, maximize, **opts)
+        if not res.certified:
+            name, res = "scipy", solve_scipy(c, maximize)
+        res.stats = {**res.stats, "auto_choice": name}
+        return res
+    best, distinct = row_best_assignment(c, maximize)
+    ok = distinct == 1
     n_ok = int(ok.sum())
     if n_ok == b:
         res = make_result(c, best.cpu().numpy(), "auto", certified=True, gap=0.0)
         res.stats = {"auto_choice": "row-best", "row_best": b}
         return res
-    rest = torch.nonzero(~ok).flatten()
-    sub = c if n_ok == 0 else c.index_select(0, rest)
-    name = _auto_choice(sub.shape[0], n, c.device, sub, maximize)
+    rest = torch.from_numpy(np.flatnonzero(~ok))
+    sub = c if n_ok == 0 else c.index_select(0, rest.to(c.device))
+    name = _auto_choice(sub.shape[0], n, c.device, float(distinct[~ok].min()), sub)
     res = SOLVERS[name].fn(sub, maximize, **opts)
     if not res.certified:  # the fp32 GPU Hungarian's float64 dual check failed: solve exactly
-        name = "scipy"
-        res = solve_scipy(sub, maximize)
+        name, res = "scipy", solve_scipy(sub, maximize)
     if n_ok:
         perm = best.cpu().clone()
-        perm[rest.cpu()] = res.perm.cpu()
+        perm[rest] = res.perm.cpu()
         merged = make_result(c, perm.numpy(), res.method, certified=res.certified, gap=res.gap)
         merged.stats = res.stats
         res = merged

@@ -86,10 +86,9 @@ def objective_of(cost: Array, perm: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def check_perm(perm: np.ndarray | torch.Tensor, n: int, method: str) -> None:
     """Raise RuntimeError unless every row of the (b, n) ``perm`` is a permutation of 0..n-1."""
-    p = torch.as_tensor(perm)
-    if p.ndim != 2 or p.shape[1] != n:
-        raise RuntimeError(f"solver {method!r} returned perm of shape {tuple(p.shape)}, expected (b, {n})")
-    if not check_permutations(p):
+    if perm.ndim != 2 or perm.shape[1] != n:
+        raise RuntimeError(f"solver {method!r} returned perm of shape {tuple(perm.shape)}, expected (b, {n})")
+    if not check_permutations(perm):
         raise RuntimeError(f"solver {method!r} returned a non-permutation (a row is not a permutation of 0..{n - 1})")
 
 
