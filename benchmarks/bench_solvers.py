@@ -9,12 +9,14 @@ recorded with its reason.
 """
 from __future__ import annotations
 
+import random
+import statistics
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import timeit, torch_linear_assignment_baseline
+from benchmarks.common import synchronize, timeit, torch_linear_assignment_baseline
 from rebasin.solvers import available_solvers, solve
 from rebasin.solvers.problems import make_cost
 
@@ -34,6 +36,42 @@ def _predicted(method: str, kind: str, n: int) -> float:
     return 0.0
 
 
+def measure(methods: list[str], cost: torch.Tensor, device: str, slow_repeat: int) -> tuple[dict, dict]:
+    """Median seconds and last result per method on one cost.
+
+    Every method is called once first (a warm-up: first calls pay page faults for the n^2 float64
+    copies, up to 1 s at n = 8192). Slow methods (first call >= 1.5 s) then take ``slow_repeat``
+    runs counting the first. Fast methods are timed *interleaved*, one call of each per round (in
+    a shuffled order) for
+    about a second's worth of rounds (5 to 51): load from the other tenants of a shared machine
+    then hits all of them alike instead of whichever ran during a busy spell.
+    """
+    times: dict[str, list[float]] = {}
+    results: dict = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        results[m] = _solver_call(m, cost)()
+        synchronize(device)
+        times[m] = [time.perf_counter() - t0]
+    fast = [m for m in methods if times[m][0] < 1.5]
+    for m in methods:
+        if m not in fast:
+            for _ in range(slow_repeat - 1):
+                s, results[m] = timeit(_solver_call(m, cost), device=device, repeat=1, warmup=0)
+                times[m].append(s)
+    if fast:
+        rounds = min(51, max(5, int(1.0 / max(sum(times[m][0] for m in fast), 1e-4))))
+        for m in fast:
+            times[m] = []
+        order = random.Random(0)
+        for _ in range(rounds):
+            order.shuffle(fast)  # no method always runs right after the same (cache-polluting) one
+            for m in fast:
+                s, results[m] = timeit(_solver_call(m, cost), device=device, repeat=1, warmup=0)
+                times[m].append(s)
+    return {m: statistics.median(t) for m, t in times.items()}, results
+
+
 def _solver_call(method: str, cost: torch.Tensor):
     if method == "lapx32":
         return lambda: solve(cost, method="lapx", precision="float32")
@@ -50,31 +88,20 @@ def run(quick: bool, device: str) -> list[dict]:
             cost = make_cost(kind, n, seed=0).to(device)
             repeat = 3 if n <= 1024 else 1
             rec: dict = {"case": f"{kind} n={n}", "kind": kind, "n": n}
-            times: dict[str, float] = {}
-            objs: dict[str, float] = {}
+            run_now = []
             for m in baselines + ours:
                 if m in baselines and _predicted(m, kind, n) > SKIP_S:
                     rec[f"{m}_s"] = f"skipped (predicted > {SKIP_S:.0f} s)"
-                    continue
-                # a warm-up run for the fast methods (first calls pay page faults for the n^2
-                # float64 copies, up to 1 s at n=8192); none for the slow baselines (scipy, emd:
-                # seconds to minutes, where that first-call cost is negligible)
-                warm = 1 if (n <= 1024 or m not in ("scipy", "emd")) else 0
-                reps = repeat
-                if warm:  # fast calls vary a lot run to run on a shared machine: median of 5
-                    t0 = time.perf_counter()
-                    _solver_call(m, cost)()
-                    warm = 0
-                    reps = 5 if time.perf_counter() - t0 < 1.5 else repeat
-                s, res = timeit(_solver_call(m, cost), device=device, repeat=reps, warmup=warm)
-                times[m] = s
-                objs[m] = float(res.objective)
-                rec[f"{m}_s"] = round(s, 4)
-                if m in ours:
-                    rec[f"{m}_rounds"] = res.stats.get("rounds", "")
-                    if m == "auto":
-                        rec["auto_choice"] = res.stats.get("auto_choice")
-                print(f"[solvers] {kind} n={n} {m}: {s:.3f}s obj={objs[m]:.10g}", flush=True)
+                else:
+                    run_now.append(m)
+            times, results = measure(run_now, cost, device, repeat)
+            objs = {m: float(r.objective) for m, r in results.items()}
+            for m in run_now:
+                rec[f"{m}_s"] = round(times[m], 4)
+                print(f"[solvers] {kind} n={n} {m}: {times[m]:.4f}s obj={objs[m]:.10g}", flush=True)
+            for m in ours:
+                rec[f"{m}_rounds"] = results[m].stats.get("rounds", "")
+            rec["auto_choice"] = results["auto"].stats.get("auto_choice")
             ref = objs.get("scipy", max(v for k2, v in objs.items() if k2 != "lapx32"))
             rec["reference_objective"] = ref
             rec["objective"] = objs["auto"]
@@ -93,13 +120,11 @@ def run(quick: bool, device: str) -> list[dict]:
     for b, n in batch_cases:
         cost = make_cost("weak", n, batch=b, seed=1).to(device)
         rec = {"case": f"batch {b}x{n}^2 weak", "kind": "weak-batch", "n": n, "batch": b}
-        times, objs = {}, {}
-        for m in baselines + ["auto"]:
-            s, res_m = timeit(_solver_call(m, cost), device=device, repeat=3, warmup=1)
-            times[m], objs[m] = s, res_m.objective.numpy()
-            if m == "auto":
-                res = res_m
-            rec[f"{m}_s"] = round(s, 4)
+        times, results = measure(baselines + ["auto"], cost, device, 3)
+        objs = {m: r.objective.numpy() for m, r in results.items()}
+        res = results["auto"]
+        for m in times:
+            rec[f"{m}_s"] = round(times[m], 4)
         ref = objs["scipy"]
         rec.update(torch_linear_assignment_baseline(cost, device))
         if "torch_linear_assignment_s" in rec:
