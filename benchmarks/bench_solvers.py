@@ -36,15 +36,18 @@ def _predicted(method: str, kind: str, n: int) -> float:
     return 0.0
 
 
-def measure(methods: list[str], cost: torch.Tensor, device: str, slow_repeat: int) -> tuple[dict, dict]:
+INTERLEAVE_MAX_S = 15.0  # methods whose first call took longer are measured by that call alone
+
+
+def measure(methods: list[str], cost: torch.Tensor, device: str) -> tuple[dict, dict]:
     """Median seconds and last result per method on one cost.
 
     Every method is called once first (a warm-up: first calls pay page faults for the n^2 float64
-    copies, up to 1 s at n = 8192). Slow methods (first call >= 1.5 s) then take ``slow_repeat``
-    runs counting the first. Fast methods are timed *interleaved*, one call of each per round (in
-    a shuffled order) for
-    about a second's worth of rounds (5 to 51): load from the other tenants of a shared machine
-    then hits all of them alike instead of whichever ran during a busy spell.
+    copies, seconds at n = 16384). Methods under INTERLEAVE_MAX_S are then timed *interleaved*:
+    one call of each per round, in a shuffled order, for about a second's worth of rounds (5 to
+    51; 3 when a round takes longer than 1.5 s), so that load from the other tenants of a shared
+    machine (lapx's own time varies 2-3x between calls here) hits all of them alike. Slower
+    methods keep their single first call.
     """
     times: dict[str, list[float]] = {}
     results: dict = {}
@@ -53,22 +56,17 @@ def measure(methods: list[str], cost: torch.Tensor, device: str, slow_repeat: in
         results[m] = _solver_call(m, cost)()
         synchronize(device)
         times[m] = [time.perf_counter() - t0]
-    fast = [m for m in methods if times[m][0] < 1.5]
-    for m in methods:
-        if m not in fast:
-            for _ in range(slow_repeat - 1):
-                s, results[m] = timeit(_solver_call(m, cost), device=device, repeat=1, warmup=0)
-                times[m].append(s)
-    if fast:
-        rounds = min(51, max(5, int(1.0 / max(sum(times[m][0] for m in fast), 1e-4))))
-        for m in fast:
-            times[m] = []
-        order = random.Random(0)
-        for _ in range(rounds):
-            order.shuffle(fast)  # no method always runs right after the same (cache-polluting) one
-            for m in fast:
-                s, results[m] = timeit(_solver_call(m, cost), device=device, repeat=1, warmup=0)
-                times[m].append(s)
+    inter = [m for m in methods if times[m][0] < INTERLEAVE_MAX_S]
+    total = sum(times[m][0] for m in inter)
+    rounds = min(51, max(5, int(1.0 / max(total, 1e-4)))) if total < 1.5 else 3
+    for m in inter:
+        times[m] = []
+    order = random.Random(0)
+    for _ in range(rounds if inter else 0):
+        order.shuffle(inter)  # no method always runs right after the same (cache-polluting) one
+        for m in inter:
+            s, results[m] = timeit(_solver_call(m, cost), device=device, repeat=1, warmup=0)
+            times[m].append(s)
     return {m: statistics.median(t) for m, t in times.items()}, results
 
 
@@ -86,7 +84,6 @@ def run(quick: bool, device: str) -> list[dict]:
     for kind in ("strong", "moderate", "weak", "uniform"):
         for n in sizes:
             cost = make_cost(kind, n, seed=0).to(device)
-            repeat = 3 if n <= 1024 else 1
             rec: dict = {"case": f"{kind} n={n}", "kind": kind, "n": n}
             run_now = []
             for m in baselines + ours:
@@ -94,7 +91,7 @@ def run(quick: bool, device: str) -> list[dict]:
                     rec[f"{m}_s"] = f"skipped (predicted > {SKIP_S:.0f} s)"
                 else:
                     run_now.append(m)
-            times, results = measure(run_now, cost, device, repeat)
+            times, results = measure(run_now, cost, device)
             objs = {m: float(r.objective) for m, r in results.items()}
             for m in run_now:
                 rec[f"{m}_s"] = round(times[m], 4)
@@ -120,7 +117,7 @@ def run(quick: bool, device: str) -> list[dict]:
     for b, n in batch_cases:
         cost = make_cost("weak", n, batch=b, seed=1).to(device)
         rec = {"case": f"batch {b}x{n}^2 weak", "kind": "weak-batch", "n": n, "batch": b}
-        times, results = measure(baselines + ["auto"], cost, device, 3)
+        times, results = measure(baselines + ["auto"], cost, device)
         objs = {m: r.objective.numpy() for m, r in results.items()}
         res = results["auto"]
         for m in times:
