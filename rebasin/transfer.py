@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rebasin.errors import IncompatibleInputsError, NonFiniteError, RebasinError
+from rebasin.errors import IncompatibleInputsError, RebasinError
 from rebasin.io.checkpoint import open_checkpoint
 from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files, ensure_output_free
 from rebasin.lora import ADAPTER_CONFIG, is_adapter_dir, lora_site, permute_lora, read_adapter_config
@@ -58,12 +58,6 @@ def _vocab_axes(spec_a: Model, b: Model, name: str) -> int | None:
         raise IncompatibleInputsError(f"shape {list(sa)} in the old base vs {list(sb)} in the new base",
                                       file=b.path, tensor=name)
     return diff[0]
-
-
-def _finite(t: torch.Tensor, file: object, name: str) -> torch.Tensor:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"contains {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)", file=file, tensor=name)
-    return t
 
 
 def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: str | None) -> dict[str, Any]:
@@ -112,10 +106,9 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     lost = [n for n in a.spec.shapes if n not in b.spec.shapes]
     if lost:
         raise IncompatibleInputsError("the new base lacks this tensor of the old base", file=b.path, tensor=lost[0])
-    if not dry_run:
-        ensure_output_free(output, overwrite)
     if dry_run:
         return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, str(perms) if perms else None)})
+    ensure_output_free(output, overwrite)
 
     vocab: VocabMap | None = None
     vocab_axes = {n: ax for n in a.spec.shapes if (ax := _vocab_axes(a, b, n)) is not None}
@@ -170,14 +163,14 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
     with_delta = copied = 0
     sq_norm = 0.0
     for name in tqdm(b.checkpoint.keys(), desc="transfer", unit="tensor", disable=not progress):
-        tb = _finite(b.checkpoint.get(name), b.checkpoint.tensors[name].file, name)
+        tb = b.checkpoint.get(name, check_finite=True)
         dtype = out_dtype if (out_dtype is not None and tb.is_floating_point()) else tb.dtype
         if name not in a.spec.shapes or not tb.is_floating_point():
             writer.add(name, tb.to(dtype))
             copied += 1
             continue
-        ta = _finite(a.checkpoint.get(name, dtype=torch.float32), a.checkpoint.tensors[name].file, name)
-        tf = _finite(ft.checkpoint.get(name, dtype=torch.float32), ft.checkpoint.tensors[name].file, name)
+        ta = a.checkpoint.get(name, dtype=torch.float32, check_finite=True)
+        tf = ft.checkpoint.get(name, dtype=torch.float32, check_finite=True)
         delta = tf - ta
         sq_norm += float(delta.double().pow(2).sum())
         if pi is not None:
@@ -208,7 +201,7 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
     sq_norm = 0.0
     n = 0
     for name in tqdm(ckpt.keys(), desc="adapter", unit="tensor", disable=not progress):
-        t = _finite(ckpt.get(name), ckpt.tensors[name].file, name)
+        t = ckpt.get(name, check_finite=True)
         site, which = lora_site(name, a.spec, fan, where=ckpt.path)
         if site.weight not in b.spec.shapes:
             raise IncompatibleInputsError(f"the new base has no '{site.weight}' for this adapter tensor",

@@ -33,6 +33,14 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def ensure_finite(tensor: torch.Tensor, file: object, name: str) -> torch.Tensor:
+    """Return ``tensor``; NonFiniteError naming ``file`` and ``name`` if it holds NaN/Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"contains {bad} NaN/Inf value(s)", file=file, tensor=name)
+    return tensor
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what it is, from the safetensors header."""
@@ -164,9 +172,8 @@ class Checkpoint:
             tensor = handle.get_tensor(name)
         except Exception as exc:  # noqa: BLE001 — safetensors raises several types on corrupt data
             raise InputFileError(f"cannot read tensor data: {exc}", file=info.file, tensor=name) from None
-        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise NonFiniteError(f"contains {bad} NaN/Inf value(s)", file=info.file, tensor=name)
+        if check_finite:
+            ensure_finite(tensor, info.file, name)
         return tensor.to(dtype) if dtype is not None else tensor
 
     def items(self, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +33,31 @@ def ensure_output_free(out: Path, overwrite: bool) -> None:
         raise OutputExistsError("output already exists; choose another path or pass --overwrite", file=out)
 
 
+def _staging(out: Path, tag: str) -> Path:
+    """Hidden sibling of ``out`` used while writing (``tmp``) or replacing (``old``) it."""
+    return out.parent / f".{out.name}.rebasin-{tag}-{os.getpid()}"
+
+
+def atomic_output_file(path: str | Path, write: Callable[[Path], object], *, overwrite: bool = False) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; on failure nothing is left behind.
+
+    Raises OutputExistsError up front when ``path`` exists and ``overwrite`` is False, and
+    WriteError (naming ``path``) when the write fails with an OSError.
+    """
+    path = Path(path)
+    ensure_output_free(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _staging(path, "tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(f"writing failed, nothing was written: {exc}", file=path) from exc
+        raise
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` only if the block succeeds.
@@ -43,7 +68,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
     out = Path(out)
     ensure_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.rebasin-tmp-{os.getpid()}"
+    tmp = _staging(out, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -51,7 +76,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
         yield tmp
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.rebasin-old-{os.getpid()}"
+            old = _staging(out, "old")
             out.rename(old)
         tmp.rename(out)
         if old is not None:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from rebasin.errors import IncompatibleInputsError, NonFiniteError
+from rebasin.errors import IncompatibleInputsError
+from rebasin.io.checkpoint import ensure_finite
 from rebasin.matching.engine import MatchResult, Timer, match_states
 from rebasin.model import Model, open_model
 from rebasin.specs import Spec, resolve_spec
@@ -56,7 +57,7 @@ def load(source: Source, *, family: str | None = None, config: dict[str, Any] | 
             raise IncompatibleInputsError("a state dict needs config= (the model's config.json as a dict)")
         cfg, state, label = config, dict(source), "state_dict"
     spec = resolve_spec(cfg, {k: tuple(v.shape) for k, v in state.items()}, family=family, where=label)
-    return Loaded(spec, lambda n: state[n].detach(), label, cfg)
+    return Loaded(spec, lambda n: ensure_finite(state[n].detach(), label, n), label, cfg)
 
 
 def check_compatible(sa: Spec, sb: Spec, la: str, lb: str, vocab: VocabMap | None = None) -> list[str]:
@@ -125,9 +126,6 @@ def match(source: Source, target: Source, *, family: str | None = None, config: 
             ta, tb = la.get(n), lb.get(n)
             if ta.shape != tb.shape and vocab is not None:
                 ta, tb = ta.index_select(0, vocab.a_rows), tb.index_select(0, vocab.b_rows)
-            for t, label in ((ta, la.label), (tb, lb.label)):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError("contains NaN/Inf", file=label, tensor=n)
             a[n], b[n] = ta.to(dev, cdtype), tb.to(dev, cdtype)
         spec = Spec(la.spec.family, la.spec.groups, {n: la.spec.axes[n] for n in names},
                     {n: tuple(a[n].shape) for n in names}, la.spec.sizes)

@@ -177,21 +177,21 @@ def current(perms: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor,
 
 
 def update_attention(spec: Spec, a: State, b: State, group: Group, perms: dict[str, torch.Tensor], *,
-                     solver: str, timer, proposals: dict | None = None) -> bool:  # noqa: ANN001
-    """One head-aware step on ``group``; returns whether π changed (only when the score rises)."""
+                     solver: str, timer, proposals: dict) -> bool:  # noqa: ANN001
+    """One head-aware step on ``group``; returns whether π changed (only when the score rises).
+
+    ``proposals``: group name -> spectral (σ, τ), filled on first use and reused by later sweeps.
+    """
     with timer("cost"):
         hb = collect_blocks(spec, a, b, group, perms)
         cur = current(perms, group.name)
         base = score(hb, *cur)
     with timer("solve"):
         candidates = [refine(hb, group, *cur, solver=solver)]
-        # spectra ignore every permutation, so the proposal is the same each sweep: cache it
-        proposal = proposals.get(group.name) if proposals is not None else None
-        if proposal is None:
-            proposal = spectral_proposal(hb, group, solver)
-            if proposals is not None:
-                proposals[group.name] = proposal
-        sigma, tau = proposal
+        # spectra ignore every permutation, so the proposal is the same each sweep: cached per match
+        if group.name not in proposals:
+            proposals[group.name] = spectral_proposal(hb, group, solver)
+        sigma, tau = proposals[group.name]
         ident_qk = torch.arange(group.d_head, device=sigma.device).expand(group.n_kv_heads, -1).contiguous()
         candidates.append(refine(hb, group, sigma, tau, ident_qk, ident_qk.clone(), solver=solver))
     with timer("cost"):

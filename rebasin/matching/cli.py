@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from rebasin.errors import WriteError
-from rebasin.io.writer import ensure_output_free
+from rebasin.io.writer import atomic_output_file, ensure_output_free
 from rebasin.matching.api import match
 from rebasin.matching.engine import MatchResult
 from rebasin.model import open_model
@@ -28,22 +26,6 @@ def format_result(result: MatchResult) -> str:
     return "\n".join(lines)
 
 
-def atomic_write(path: Path, write, *, overwrite: bool) -> None:  # noqa: ANN001
-    """Call ``write(tmp_path)`` then rename onto ``path``; nothing is left on failure."""
-    ensure_output_free(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.rebasin-tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"writing failed, nothing was written: {exc}", file=path) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def run_match(args: argparse.Namespace) -> int:
     out = Path(args.output)
     ensure_output_free(out, args.overwrite)
@@ -52,12 +34,13 @@ def run_match(args: argparse.Namespace) -> int:
     result = match(source, target, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed, device=args.device)
     extra = {"objective_identity": repr(result.objective_identity), "objective": repr(result.objective),
              "solver": args.solver, "seed": str(args.seed)}
-    atomic_write(out, lambda p: save_perms(p, result.perms, family=source.family, source=str(source.path),
-                                           target=str(target.path), extra=extra), overwrite=args.overwrite)
+    atomic_output_file(out, lambda p: save_perms(p, result.perms, family=source.family, source=str(source.path),
+                                                 target=str(target.path), extra=extra), overwrite=args.overwrite)
     if args.report:
         report = {"source": str(source.path), "target": str(target.path), "family": source.family,
                   "perms": str(out), **result.to_dict()}
-        atomic_write(Path(args.report), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), overwrite=True)
+        atomic_output_file(Path(args.report), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
+                           overwrite=True)
     print(format_result(result))
     print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
     return 0
