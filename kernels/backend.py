@@ -42,3 +42,16 @@ def cupy_usable() -> bool:
         return bool(cupy.is_available())
     except Exception:  # noqa: BLE001 — a broken CUDA install must not break CPU users
         return False
+
+
+def pick_backend(backend: str, device: torch.device | str) -> str:
+    """The backend a kernel's dispatcher runs: "triton" or "torch" (its plain reference).
+
+    ``auto`` takes Triton only for CUDA tensors where it is usable (the CPU interpreter is for
+    tests, not speed). ValueError for anything but "auto", "triton", "torch".
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_usable(device) else "torch"
+    return backend

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.backend import interpret_mode, triton_usable
+from kernels.backend import interpret_mode, pick_backend, triton_usable
 
 try:  # triton is optional: the torch reference path must work without it
     import triton
@@ -291,14 +291,6 @@ def gathered_cost_triton(
 # --------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------
-def _pick(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
-    return backend
-
-
 def gathered_cost(
     b: torch.Tensor,
     a: torch.Tensor,
@@ -322,7 +314,7 @@ def gathered_cost(
     Returns:
         ``out`` (the given buffer, or a new one).
     """
-    fn = gathered_cost_triton if _pick(backend, b.device) == "triton" else gathered_cost_reference
+    fn = gathered_cost_triton if pick_backend(backend, b.device) == "triton" else gathered_cost_reference
     return fn(b, a, col_index, a_batch_index=a_batch_index, out=out)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.backend import triton_usable
+from kernels.backend import pick_backend, triton_usable
 
 try:  # optional: the reference path must work without triton
     import triton
@@ -275,11 +275,7 @@ def batched_lap(
         u (b, n), v (b, n) — dual potentials (float32, float64 for float64 costs) certifying
         optimality, conventions in the module docstring.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if cost.device.type == "cuda" and triton_usable(cost.device) else "torch"
-    fn = batched_lap_triton if backend == "triton" else batched_lap_reference
+    fn = batched_lap_triton if pick_backend(backend, cost.device) == "triton" else batched_lap_reference
     return fn(cost, maximize)
 
 

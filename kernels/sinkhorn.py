@@ -86,7 +86,7 @@ def sinkhorn_reference(
 
 import math  # noqa: E402
 
-from kernels.backend import interpret_mode, triton_usable  # noqa: E402
+from kernels.backend import interpret_mode, pick_backend, triton_usable  # noqa: E402
 
 try:  # optional: sinkhorn_reference must work without triton
     import triton
@@ -333,10 +333,6 @@ def log_sinkhorn(
     cost: torch.Tensor, eps: float, n_iters: int = 100, tol: float = 1e-3, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Dispatch to :func:`sinkhorn_triton` (CUDA with triton) or :func:`sinkhorn_reference`."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if cost.device.type == "cuda" and triton_usable(cost.device) else "torch"
-    if backend == "triton":
+    if pick_backend(backend, cost.device) == "triton":
         return sinkhorn_triton(cost, eps, n_iters, tol)
     return sinkhorn_reference(cost, eps, n_iters, tol)

@@ -117,6 +117,13 @@ def _auto_choice(b: int, n: int, device: torch.device | str, distinct: float = 0
     return "certified"
 
 
+def _run_exact(name: str, c: torch.Tensor, maximize: bool, opts: dict) -> tuple[str, Assignment]:
+    """Run backend ``name``; an answer it cannot certify (the fp32 GPU Hungarian's float64 dual
+    check failed) is replaced by scipy's. Returns (backend used, result)."""
+    res = SOLVERS[name].fn(c, maximize, **opts)
+    return (name, res) if res.certified else ("scipy", solve_scipy(c, maximize))
+
+
 def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
     """Row bound first (``row_best_assignment``); the problems it leaves go to the fastest exact
     backend for the shape/device (``_auto_choice``). perm (b, n), certified."""
@@ -125,10 +132,7 @@ def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
     c = torch.as_tensor(cost)
     b, n = c.shape[0], c.shape[1]
     if c.numel() < ROW_BOUND_MIN_ENTRIES:
-        name = _auto_choice(b, n, c.device, 0.0, c)
-        res = SOLVERS[name].fn(c, maximize, **opts)
-        if not res.certified:
-            name, res = "scipy", solve_scipy(c, maximize)
+        name, res = _run_exact(_auto_choice(b, n, c.device, 0.0, c), c, maximize, opts)
         res.stats = {**res.stats, "auto_choice": name}
         return res
     best, distinct = row_best_assignment(c, maximize)
@@ -140,10 +144,8 @@ def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
         return res
     rest = torch.from_numpy(np.flatnonzero(~ok))
     sub = c if n_ok == 0 else c.index_select(0, rest.to(c.device))
-    name = _auto_choice(sub.shape[0], n, c.device, float(distinct[~ok].min()), sub)
-    res = SOLVERS[name].fn(sub, maximize, **opts)
-    if not res.certified:  # the fp32 GPU Hungarian's float64 dual check failed: solve exactly
-        name, res = "scipy", solve_scipy(sub, maximize)
+    name, res = _run_exact(_auto_choice(sub.shape[0], n, c.device, float(distinct[~ok].min()), sub), sub,
+                           maximize, opts)
     if n_ok:
         perm = best.cpu().clone()
         perm[rest] = res.perm.cpu()

@@ -9,7 +9,6 @@ the backend returns a batched Assignment (perm (b, n), objective (b,)), ``solve`
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,13 +59,6 @@ class SolverSpec:
     exact: bool
     available: Callable[[], bool]
     doc: str = ""
-
-
-def to_numpy64(cost: Array) -> np.ndarray:
-    """float64 numpy copy/view of a (b, n, n) cost (moves CUDA tensors to the host)."""
-    if isinstance(cost, torch.Tensor):
-        return cost.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(cost, dtype=np.float64)
 
 
 def to_numpy(cost: Array, dtype=None) -> np.ndarray:
@@ -132,10 +124,3 @@ def finite_check(cost: Array) -> None:
         if bad.any():
             raise ValueError(f"cost matrix contains NaN/Inf (batch {int(np.flatnonzero(bad)[0])})")
 
-
-def cost_scale(cost: np.ndarray) -> float:
-    """max |C| (1.0 for an all-zero or empty matrix): the unit of tolerances."""
-    if cost.size == 0:
-        return 1.0
-    m = max(float(cost.max()), -float(cost.min()))
-    return m if m > 0 and math.isfinite(m) else 1.0

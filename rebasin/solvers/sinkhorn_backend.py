@@ -13,9 +13,8 @@ Gap bound: any (u, v) with ``u_i + v_j <= C_ij`` for all i, j bounds the optimum
 ``sum u + sum v`` (LP weak duality). We make the Sinkhorn duals feasible with ``v = g``,
 ``u_i = min_j (C_ij - v_j)`` and report ``gap = objective - (sum u + sum v)`` (>= true gap).
 
-``log_sinkhorn(cost, eps, n_iters)`` is the dispatch point: a Triton/GPU kernel
-(``kernels.sinkhorn.log_sinkhorn``) when present and usable for the tensor's device, otherwise
-a chunked, clamped float32 torch implementation (torch's CPU ``logsumexp`` is ~10x slower when
+``log_sinkhorn(cost, eps, n_iters)`` is the dispatch point: on CUDA ``kernels.sinkhorn.log_sinkhorn``
+(the Triton kernel when usable), otherwise a chunked, clamped float32 torch implementation (torch's CPU ``logsumexp`` is ~10x slower when
 terms underflow to denormals; we clamp exponents at -60 and work on cache-sized row blocks).
 """
 from __future__ import annotations
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from kernels.sinkhorn import log_sinkhorn as kernel_log_sinkhorn
 from rebasin.solvers._common import Array, Assignment, make_result
 
 _CLAMP = -60.0
@@ -76,20 +76,12 @@ def sinkhorn_torch(
 def log_sinkhorn(cost: torch.Tensor, eps: float, n_iters: int, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Dispatch: (n, n) cost to minimise -> float32 duals (f, g) and iterations run.
 
-    Uses ``kernels.sinkhorn.log_sinkhorn`` (a fused Triton kernel) when that exists and runs on
-    the tensor's device; else on CUDA the plain reference (``sinkhorn_reference``: torch's GPU
-    logsumexp is fine), else the chunked CPU implementation above.
+    CUDA: ``kernels.sinkhorn.log_sinkhorn`` (the fused Triton kernel when usable, else the plain
+    reference: torch's GPU logsumexp is fine). CPU: the chunked implementation above.
     """
-    try:
-        from kernels import sinkhorn as _ks  # noqa: PLC0415
-        from kernels.backend import triton_usable  # noqa: PLC0415
-    except Exception:  # noqa: BLE001
-        _ks = None
-    if _ks is not None and hasattr(_ks, "log_sinkhorn") and triton_usable(cost.device) and cost.is_cuda:
-        f, g, it = _ks.log_sinkhorn(cost[None].float(), eps, n_iters, tol=0.0)[:3]
+    if cost.is_cuda:
+        f, g, it = kernel_log_sinkhorn(cost[None].float(), eps, n_iters, tol=0.0)
         return f[0], g[0], int(it)
-    if cost.is_cuda and _ks is not None:
-        return _ks.sinkhorn_reference(cost, eps, n_iters=n_iters, tol=0.0)
     return sinkhorn_torch(cost, eps, n_iters, **kw)
 
 
