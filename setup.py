@@ -2,14 +2,17 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="rebasin",
+    name="rebasin-engine",
     version="0.1.0",
     description="GPU-accelerated optimal-transport matching of transformer weights; "
     "transfers fine-tunes between base-model releases (ParamΔ and TransFusion re-basin).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["rebasin", "rebasin.*", "kernels", "kernels.*", "benchmarks", "benchmarks.*"]),
+    # The repository keeps kernels/ at the top; it installs as `rebasin_kernels` so it cannot clash with
+    # Hugging Face's `kernels` package. benchmarks/ runs from a checkout and is not installed.
+    packages=[*find_packages(include=["rebasin", "rebasin.*"]), "rebasin_kernels"],
+    package_dir={"rebasin_kernels": "kernels"},
     package_data={"rebasin": ["specs/families/*.toml"]},
     install_requires=[
         "torch>=2.1",
@@ -22,11 +25,13 @@ setup(
     extras_require={
         "hf": ["transformers>=4.45", "peft>=0.12"],
         "fast": ["lapx>=0.5"],
-        "gpu": ["triton>=3.0", "cupy-cuda12x>=13"],
+        "gpu": ["triton>=3.0"],
         "demo": ["transformers>=4.45", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
+            "hypothesis>=6",
+            "ruff>=0.6",
             "transformers>=4.45",
             "peft>=0.12",
             "lapx>=0.5",

@@ -1,5 +1,5 @@
-"""rebasin's compute kernels: each Triton kernel sits beside a plain torch reference.
+"""rebasin's compute kernels (installed as ``rebasin_kernels``): each Triton kernel beside its torch reference.
 
-Nothing here imports triton or cupy at module import time; use
-:func:`kernels.backend.triton_usable` and :func:`kernels.backend.cupy_usable`.
+Nothing here imports triton at module import time; use
+:func:`rebasin_kernels.backend.triton_usable` to ask whether it can run.
 """

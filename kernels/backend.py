@@ -1,4 +1,4 @@
-"""Guards for optional GPU toolchains (triton, cupy) — never import them unguarded."""
+"""Guards for the optional GPU toolchain (triton) — never import it unguarded."""
 from __future__ import annotations
 
 import functools
@@ -29,19 +29,6 @@ def triton_usable(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and interpret_mode()
-
-
-@functools.lru_cache(maxsize=None)
-def cupy_usable() -> bool:
-    """cupy imports without a GPU; it is usable only when ``cupy.is_available()``."""
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy  # noqa: PLC0415
-
-        return bool(cupy.is_available())
-    except Exception:  # noqa: BLE001 — a broken CUDA install must not break CPU users
-        return False
 
 
 def pick_backend(backend: str, device: torch.device | str) -> str:

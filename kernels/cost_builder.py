@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.backend import interpret_mode, pick_backend, triton_usable
+from .backend import interpret_mode, pick_backend, triton_usable
 
 try:  # triton is optional: the torch reference path must work without it
     import triton

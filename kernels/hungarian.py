@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.backend import pick_backend, triton_usable
+from .backend import pick_backend, triton_usable
 
 try:  # optional: the reference path must work without triton
     import triton

@@ -86,7 +86,7 @@ def sinkhorn_reference(
 
 import math  # noqa: E402
 
-from kernels.backend import interpret_mode, pick_backend, triton_usable  # noqa: E402
+from .backend import interpret_mode, pick_backend, triton_usable  # noqa: E402
 
 try:  # optional: sinkhorn_reference must work without triton
     import triton

@@ -27,15 +27,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.backend import triton_usable  # noqa: E402
-from kernels.cost_builder import gathered_cost, gathered_cost_reference, group_cost  # noqa: E402
-from kernels.hungarian import (  # noqa: E402
+from rebasin_kernels.backend import triton_usable  # noqa: E402
+from rebasin_kernels.cost_builder import gathered_cost, gathered_cost_reference, group_cost  # noqa: E402
+from rebasin_kernels.hungarian import (  # noqa: E402
     assignment_objective,
     batched_lap,
     batched_lap_reference,
     check_permutations,
 )
-from kernels.sinkhorn import log_sinkhorn, sinkhorn_reference  # noqa: E402
+from rebasin_kernels.sinkhorn import log_sinkhorn, sinkhorn_reference  # noqa: E402
 from reference import ref_objective  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -194,7 +194,7 @@ def test_sinkhorn_small_tol(b, n):
 
 @needs_triton
 def test_sinkhorn_tiled_path():
-    from kernels.sinkhorn import sinkhorn_triton
+    from rebasin_kernels.sinkhorn import sinkhorn_triton
 
     g = torch.Generator().manual_seed(11)
     cost = torch.rand(2, 37, 37, generator=g)

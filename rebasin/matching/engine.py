@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kernels.cost_builder import gathered_cost
+from rebasin_kernels.cost_builder import gathered_cost
 from rebasin.errors import NonFiniteError
 from rebasin.matching.attention import update_attention
 from rebasin.matching.terms import as_rows, group_terms, other_index

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.hungarian import column_hits
+from rebasin_kernels.hungarian import column_hits
 from rebasin.solvers._common import (
     Array,
     Assignment,
@@ -53,19 +53,19 @@ AUTO_EASY_DISTINCT = 0.85
 ROW_BOUND_MIN_ENTRIES = 1 << 18
 
 
-TRITON_MAX_N = 128  # batched GPU Hungarian (kernels.hungarian): one program per problem
+TRITON_MAX_N = 128  # batched GPU Hungarian (rebasin_kernels.hungarian): one program per problem
 
 
 def _triton_available() -> bool:
-    from kernels.backend import triton_installed  # noqa: PLC0415
+    from rebasin_kernels.backend import triton_installed  # noqa: PLC0415
 
     return triton_installed() and torch.cuda.is_available()
 
 
 def solve_triton(cost: Array, maximize: bool = True, **_: object) -> Assignment:
-    """Batched Hungarian on the GPU (``kernels.hungarian``, fp32), checked by its duals in float64:
+    """Batched Hungarian on the GPU (``rebasin_kernels.hungarian``, fp32), checked by its duals in float64:
     ``gap`` bounds the distance to the optimum and ``certified`` says it is within round-off."""
-    from kernels.hungarian import batched_lap  # noqa: PLC0415
+    from rebasin_kernels.hungarian import batched_lap  # noqa: PLC0415
     from rebasin.solvers._common import make_result  # noqa: PLC0415
 
     c = torch.as_tensor(cost)

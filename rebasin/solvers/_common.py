@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.hungarian import assignment_objective, check_permutations
+from rebasin_kernels.hungarian import assignment_objective, check_permutations
 
 Array = np.ndarray | torch.Tensor
 

@@ -5,7 +5,7 @@ Math (minimisation; maximisation solves ``-C``): entropic assignment with unit m
     f_i = -eps * log sum_j exp((g_j - C_ij) / eps)
     g_j = -eps * log sum_i exp((f_i - C_ij) / eps)
 
-(the math of ``kernels.sinkhorn.sinkhorn_reference``). The plan ``P_ij = exp((f_i + g_j - C_ij)/eps)``
+(the math of ``rebasin_kernels.sinkhorn.sinkhorn_reference``). The plan ``P_ij = exp((f_i + g_j - C_ij)/eps)``
 is rounded to a permutation exactly (scipy on ``-log P``, i.e. on the reduced cost, restricted
 to nothing: dense) or greedily. Approximate: certified=False.
 
@@ -13,7 +13,7 @@ Gap bound: any (u, v) with ``u_i + v_j <= C_ij`` for all i, j bounds the optimum
 ``sum u + sum v`` (LP weak duality). We make the Sinkhorn duals feasible with ``v = g``,
 ``u_i = min_j (C_ij - v_j)`` and report ``gap = objective - (sum u + sum v)`` (>= true gap).
 
-``log_sinkhorn(cost, eps, n_iters)`` is the dispatch point: on CUDA ``kernels.sinkhorn.log_sinkhorn``
+``log_sinkhorn(cost, eps, n_iters)`` is the dispatch point: on CUDA ``rebasin_kernels.sinkhorn.log_sinkhorn``
 (the Triton kernel when usable), otherwise a chunked, clamped float32 torch implementation (torch's CPU ``logsumexp`` is ~10x slower when
 terms underflow to denormals; we clamp exponents at -60 and work on cache-sized row blocks).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from kernels.sinkhorn import log_sinkhorn as kernel_log_sinkhorn
+from rebasin_kernels.sinkhorn import log_sinkhorn as kernel_log_sinkhorn
 from rebasin.solvers._common import Array, Assignment, make_result
 
 _CLAMP = -60.0
@@ -76,7 +76,7 @@ def sinkhorn_torch(
 def log_sinkhorn(cost: torch.Tensor, eps: float, n_iters: int, **kw) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Dispatch: (n, n) cost to minimise -> float32 duals (f, g) and iterations run.
 
-    CUDA: ``kernels.sinkhorn.log_sinkhorn`` (the fused Triton kernel when usable, else the plain
+    CUDA: ``rebasin_kernels.sinkhorn.log_sinkhorn`` (the fused Triton kernel when usable, else the plain
     reference: torch's GPU logsumexp is fine). CPU: the chunked implementation above.
     """
     if cost.is_cuda:
