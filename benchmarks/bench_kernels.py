@@ -20,12 +20,12 @@ import time
 
 import numpy as np
 import torch
-
-from benchmarks.common import synchronize, timeit, torch_linear_assignment_baseline
 from rebasin_kernels.backend import triton_usable
 from rebasin_kernels.cost_builder import gathered_cost, gathered_cost_reference
 from rebasin_kernels.hungarian import assignment_objective, batched_lap, batched_lap_reference
 from rebasin_kernels.sinkhorn import log_sinkhorn, sinkhorn_reference
+
+from benchmarks.common import synchronize, timeit, torch_linear_assignment_baseline
 
 NOT_MEASURED = "not measured (cpu: the triton interpreter is not a benchmark)"
 

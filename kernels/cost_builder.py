@@ -39,7 +39,7 @@ from .backend import interpret_mode, pick_backend, triton_usable
 try:  # triton is optional: the torch reference path must work without it
     import triton
     import triton.language as tl
-except Exception:  # noqa: BLE001
+except Exception:
     triton = None
     tl = None
 

@@ -35,7 +35,7 @@ from .backend import pick_backend, triton_usable
 try:  # optional: the reference path must work without triton
     import triton
     import triton.language as tl
-except Exception:  # noqa: BLE001
+except Exception:
     triton = None
     tl = None
 
@@ -119,7 +119,7 @@ def batched_lap_reference(
     the column of row i, and potentials ``u`` (b, n), ``v`` (b, n) (conventions in the module
     docstring). ``backend`` is accepted for signature compatibility and ignored.
     """
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415
+    from scipy.optimize import linear_sum_assignment
 
     squeeze = cost.dim() == 2
     c = _check_input(cost)

@@ -91,7 +91,7 @@ from .backend import interpret_mode, pick_backend, triton_usable  # noqa: E402
 try:  # optional: sinkhorn_reference must work without triton
     import triton
     import triton.language as tl
-except Exception:  # noqa: BLE001
+except Exception:
     triton = None
     tl = None
 

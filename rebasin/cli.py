@@ -19,7 +19,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from rebasin.specs import list_families  # noqa: PLC0415
+    from rebasin.specs import list_families
 
     fams = ", ".join(list_families())
     parser = argparse.ArgumentParser(
@@ -105,8 +105,8 @@ def _match_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from rebasin.model import open_model  # noqa: PLC0415
-    from rebasin.summary import format_summary, summarize  # noqa: PLC0415
+    from rebasin.model import open_model
+    from rebasin.summary import format_summary, summarize
 
     s = summarize(open_model(args.model, family=args.arch, config=args.config))
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
@@ -114,9 +114,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from rebasin.apply import apply_checkpoint  # noqa: PLC0415
-    from rebasin.model import open_model  # noqa: PLC0415
-    from rebasin.permutation import load_perms  # noqa: PLC0415
+    from rebasin.apply import apply_checkpoint
+    from rebasin.model import open_model
+    from rebasin.permutation import load_perms
 
     model = open_model(args.model, family=args.arch, config=args.config)
     perms, _meta = load_perms(args.perms)
@@ -127,19 +127,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_match(args: argparse.Namespace) -> int:
-    from rebasin.matching.cli import run_match  # noqa: PLC0415
+    from rebasin.matching.cli import run_match
 
     return run_match(args)
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from rebasin.transfer import run_transfer  # noqa: PLC0415
+    from rebasin.transfer import run_transfer
 
     return run_transfer(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rebasin.demo import run_demo  # noqa: PLC0415
+    from rebasin.demo import run_demo
 
     return run_demo(args)
 

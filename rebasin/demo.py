@@ -63,7 +63,7 @@ class DemoConfig:
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
 
     def vit_config(self) -> Any:
-        import transformers  # noqa: PLC0415
+        import transformers
 
         return transformers.ViTConfig(
             image_size=8, patch_size=self.patch, num_channels=1, hidden_size=self.hidden,
@@ -100,10 +100,10 @@ class DemoResult:
 
 def load_data(cfg: DemoConfig) -> Data:
     """scikit-learn's digits (bundled with scikit-learn: nothing is downloaded), fixed split."""
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / PIXEL_SCALE - 1.0
@@ -116,7 +116,7 @@ def load_data(cfg: DemoConfig) -> Data:
 
 def shift(x: Any) -> Any:
     """The sub-task's domain shift: roll the images SHIFT pixels right (digits' borders are blank)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.roll(x, SHIFT, dims=-1)
 
@@ -127,11 +127,11 @@ def shift(x: Any) -> Any:
 def train(model: Any, x: Any, y: Any, *, epochs: int, lr: float, wd: float, batch: int, seed: int,
           desc: str, progress: bool, schedule: bool = True) -> Any:
     """AdamW (+ linear warm-up and cosine decay when ``schedule``), cross-entropy, in place."""
-    import math  # noqa: PLC0415
+    import math
 
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: N812, PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
@@ -163,7 +163,7 @@ def train(model: Any, x: Any, y: Any, *, epochs: int, lr: float, wd: float, batc
 
 
 @contextlib.contextmanager
-def _atomic_dir(dest: Path):  # noqa: ANN202
+def _atomic_dir(dest: Path):
     """Yield a temporary directory beside ``dest``, renamed to ``dest`` when the block succeeds."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
@@ -193,8 +193,8 @@ def default_cache() -> Path:
 def build_models(cfg: DemoConfig, data: Data, cache: Path, seed: int, progress: bool = True,
                  log: Any = print) -> tuple[dict[str, Path], dict[str, float]]:
     """Train (or load from the cache) A, B, A_ft, B_ft; return their directories and timings."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
     folder = cache / f"{cfg.hidden}h{cfg.layers}l-seed{seed}-{cache_key(cfg, seed)}"
     dirs = {name: folder / name for name in ("A", "B", "A_ft", "B_ft")}
@@ -238,8 +238,8 @@ def _save(model: Any, dest: Path, cfg: DemoConfig, seed: int, meta: dict[str, An
 
 def evaluate(model_dir: Path, data: Data) -> dict[str, float]:
     """Test accuracy on the shifted images (the sub-task) and the original ones."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
     model = transformers.ViTForImageClassification.from_pretrained(model_dir).eval()
     out = {}
@@ -256,10 +256,10 @@ def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed:
                       quick: bool = False, config: DemoConfig | None = None, progress: bool = True,
                       log: Any = print) -> DemoResult:
     """Build/load the models, transfer in both modes, evaluate, and write the artifacts."""
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
-    from rebasin.transfer import transfer  # noqa: PLC0415
+    from rebasin.transfer import transfer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
@@ -295,9 +295,9 @@ def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed:
 
     # Alignment check: weight averaging of the two bases, without and with π (git-re-basin's
     # classic test: a midpoint of unaligned models breaks, a midpoint of aligned ones works).
-    from rebasin.apply import apply_checkpoint  # noqa: PLC0415
-    from rebasin.model import open_model  # noqa: PLC0415
-    from rebasin.permutation import load_perms  # noqa: PLC0415
+    from rebasin.apply import apply_checkpoint
+    from rebasin.model import open_model
+    from rebasin.permutation import load_perms
 
     t0 = time.perf_counter()
     aligned = apply_checkpoint(open_model(dirs["A"]), load_perms(perms_file)[0], tdir / "A-aligned",
@@ -381,13 +381,13 @@ def _write_artifacts(output: Path, results: dict[str, Any]) -> list[str]:
 
 def _plot(path: Path, rows: list[dict[str, Any]]) -> bool:
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         return False
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     labels = [r["model"].replace("   [", "\n[").replace("  [", "\n[") for r in rows]
     x = np.arange(len(rows))

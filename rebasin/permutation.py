@@ -174,7 +174,7 @@ def _head_index(group: Group, perms: Mapping[str, torch.Tensor], role: str) -> t
     return (head[:, :, None] * d + within[:, None, :]).reshape(-1)
 
 
-def axis_index(spec: Spec, perms: Mapping[str, torch.Tensor], ref) -> torch.Tensor:  # noqa: ANN001
+def axis_index(spec: Spec, perms: Mapping[str, torch.Tensor], ref) -> torch.Tensor:
     """The int64 gather index that ``ref`` (an AxisRef) applies along its axis."""
     group = spec.groups[ref.group]
     if group.is_attention:
@@ -215,7 +215,7 @@ def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], *, family: s
 
 def load_perms(path: str | Path) -> tuple[Perms, dict[str, str]]:
     """Read a permutations file written by :func:`save_perms`."""
-    from rebasin.io.checkpoint import read_header  # noqa: PLC0415 — validates truncation first
+    from rebasin.io.checkpoint import read_header
 
     path = Path(path)
     read_header(path)
@@ -223,7 +223,7 @@ def load_perms(path: str | Path) -> tuple[Perms, dict[str, str]]:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             perms = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InputFileError(f"cannot read permutations: {exc}", file=path) from None
     if meta.get("format") != FORMAT:
         raise InputFileError(f"not a rebasin permutations file (metadata format={meta.get('format')!r})", file=path)

@@ -57,10 +57,10 @@ def _layer_key(name: str) -> tuple[str, int] | None:
 def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
     """Per-layer cosine similarity of A's units to B's before and after π, one panel per group kind."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         return False
     series: dict[str, list[tuple[int, float, float]]] = {}

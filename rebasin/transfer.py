@@ -124,14 +124,14 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
             pi, _ = load_perms(perms)
             validate(a.spec, pi, where=perms)
         else:
-            from rebasin.matching.api import match  # noqa: PLC0415
+            from rebasin.matching.api import match
 
             result = match(a, b, solver=solver, max_sweeps=max_sweeps, seed=seed, device=device, progress=progress,
                            vocab=vocab)
             pi, match_report = result.perms, result.to_dict()
     verify_report = None
     if verify:
-        from rebasin.verify import verify_symmetry  # noqa: PLC0415
+        from rebasin.verify import verify_symmetry
 
         if a.checkpoint.directory is None:
             raise RebasinError("--verify needs the old base as a model directory", file=a.path)
@@ -193,7 +193,7 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
     return {"tensors": {"with_delta": with_delta, "copied_from_b": copied}, "task_vector_norm": sq_norm ** 0.5}
 
 
-def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tensor] | None, alpha: float,  # noqa: ANN001
+def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tensor] | None, alpha: float,
                    finetuned: str | Path, progress: bool) -> dict[str, Any]:
     cfg = read_adapter_config(Path(finetuned))
     fan = bool(cfg.get("fan_in_fan_out", False))

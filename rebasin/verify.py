@@ -29,7 +29,7 @@ def verify_symmetry(model_dir: Path, spec: Spec, perms: Mapping[str, torch.Tenso
     """Max abs difference between A's and π(A)'s outputs (residual-basis outputs un-permuted)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import transformers  # noqa: PLC0415
+        import transformers
     except ImportError as exc:
         raise RebasinError("--verify needs transformers: pip install 'rebasin[hf]'") from exc
     config = transformers.AutoConfig.from_pretrained(model_dir)

@@ -6,14 +6,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("transformers")
 
-from rebasin.demo import QUICK, cache_key, format_table, run_demo_pipeline  # noqa: E402
-from rebasin.io.checkpoint import open_checkpoint  # noqa: E402
+from rebasin.demo import QUICK, cache_key, format_table, run_demo_pipeline
+from rebasin.io.checkpoint import open_checkpoint
 
 EXPECTED_ROWS = 6 + 2 * len(QUICK.alphas)  # B, diff × α, rebasin × α, B_ft, A, A_ft, 2 merges
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import CASES, run_model
 
 from rebasin.cli import main
 from rebasin.io import open_checkpoint
@@ -17,7 +18,6 @@ from rebasin.io.writer import CheckpointWriter, atomic_output_dir
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, identity, invert, load_perms, random_perms, save_perms, validate
 from rebasin.specs import list_families
-from tiny_models import CASES, run_model
 
 MINILM = None
 try:
@@ -266,7 +266,7 @@ def test_missing_tensor_and_wrong_shape(saved, tmp_path, capsys):
     shutil.copytree(d, bad3)
     names = list(load_file(bad3 / "model.safetensors"))
     (bad3 / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {**{n: "model.safetensors" for n in names}, "model.extra.weight": "model.safetensors"}}))
+        {"weight_map": {**dict.fromkeys(names, "model.safetensors"), "model.extra.weight": "model.safetensors"}}))
     code, err = _run(["inspect", str(bad3)], capsys)
     assert code == 3 and "model.extra.weight" in err
     assert spec.family == "llama"
@@ -301,12 +301,11 @@ def test_output_exists_and_atomic_failure(saved, tmp_path, capsys):
     assert code == 6 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
     # a failure mid-write leaves neither the destination nor a temporary directory
     dest = tmp_path / "never"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(dest) as tmp:
-            w = CheckpointWriter(tmp, max_shard_bytes=10)
-            w.add("a", torch.zeros(100))
-            w.add("b", torch.zeros(100))
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), atomic_output_dir(dest) as tmp:
+        w = CheckpointWriter(tmp, max_shard_bytes=10)
+        w.add("a", torch.zeros(100))
+        w.add("b", torch.zeros(100))
+        raise RuntimeError("disk full")
     assert not dest.exists() and not [x for x in tmp_path.iterdir() if x.name.startswith(".never")]
 
 

@@ -21,22 +21,21 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from rebasin_kernels.backend import triton_usable  # noqa: E402
-from rebasin_kernels.cost_builder import gathered_cost, gathered_cost_reference, group_cost  # noqa: E402
-from rebasin_kernels.hungarian import (  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from rebasin_kernels.backend import triton_usable
+from rebasin_kernels.cost_builder import gathered_cost, gathered_cost_reference, group_cost
+from rebasin_kernels.hungarian import (
     assignment_objective,
     batched_lap,
     batched_lap_reference,
     check_permutations,
 )
-from rebasin_kernels.sinkhorn import log_sinkhorn, sinkhorn_reference  # noqa: E402
-from reference import ref_objective  # noqa: E402
+from rebasin_kernels.sinkhorn import log_sinkhorn, sinkhorn_reference
+from reference import ref_objective
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CPU_TRITON = HAS_TRITON and triton_usable("cpu")

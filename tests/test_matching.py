@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import CASES
 
 from rebasin.cli import main
 from rebasin.matching import match
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, identity, invert, load_perms, random_perms
 from rebasin.specs import resolve_spec
-from tiny_models import CASES
 
 
 def _planted(name: str, noise: float = 0.0, seed: int = 1):

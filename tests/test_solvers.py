@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import ref_objective
 
 from rebasin.solvers import SOLVERS, Assignment, available_solvers, solve
 from rebasin.solvers import certified as cert_mod
 from rebasin.solvers.problems import KINDS, make_cost
-from reference import ref_objective
 
 EXACT = [m for m in available_solvers() if SOLVERS[m].exact]
 

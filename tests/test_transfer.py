@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import CASES, run_model
 
 from rebasin.cli import main
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, load_perms, random_perms
-from tiny_models import CASES, run_model
 
 
 def _save(d, state, like):

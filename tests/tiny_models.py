@@ -5,11 +5,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import torch  # noqa: E402
-import transformers as T  # noqa: E402
+import torch
+import transformers as T
 
 TEXT = dict(vocab_size=61, max_position_embeddings=32)
 

@@ -170,7 +170,7 @@ class Checkpoint:
                 handle = safe_open(str(info.file), framework="pt")
                 self._handles[info.file] = handle
             tensor = handle.get_tensor(name)
-        except Exception as exc:  # noqa: BLE001 — safetensors raises several types on corrupt data
+        except Exception as exc:
             raise InputFileError(f"cannot read tensor data: {exc}", file=info.file, tensor=name) from None
         if check_finite:
             ensure_finite(tensor, info.file, name)

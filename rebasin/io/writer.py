@@ -136,7 +136,7 @@ class CheckpointWriter:
             target = self.directory / name
             tmp.rename(target)
             final.append(target)
-            weight_map.update({t: name for t in names})
+            weight_map.update(dict.fromkeys(names, name))
         if n > 1:
             index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.directory / f"{self.basename}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

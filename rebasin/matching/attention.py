@@ -177,7 +177,7 @@ def current(perms: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor,
 
 
 def update_attention(spec: Spec, a: State, b: State, group: Group, perms: dict[str, torch.Tensor], *,
-                     solver: str, timer, proposals: dict) -> bool:  # noqa: ANN001
+                     solver: str, timer, proposals: dict) -> bool:
     """One head-aware step on ``group``; returns whether π changed (only when the score rises).
 
     ``proposals``: group name -> spectral (σ, τ), filled on first use and reused by later sweeps.

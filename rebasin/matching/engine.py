@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rebasin_kernels.cost_builder import gathered_cost
 from tqdm.auto import tqdm
 
-from rebasin_kernels.cost_builder import gathered_cost
 from rebasin.errors import NonFiniteError
 from rebasin.matching.attention import update_attention
 from rebasin.matching.terms import as_rows, group_terms, other_index
@@ -240,7 +240,7 @@ def match_states(
     with timer("report"):
         for group in spec.groups.values():
             if group.is_attention:
-                from rebasin.matching.attention import head_cosines  # noqa: PLC0415
+                from rebasin.matching.attention import head_cosines
 
                 before, after = head_cosines(spec, a, b, group, ident), head_cosines(spec, a, b, group, perms)
                 moved = moved_fraction(perms, f"{group.name}.heads")

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from rebasin_kernels.hungarian import column_hits
+
 from rebasin.solvers._common import (
     Array,
     Assignment,
@@ -37,7 +37,7 @@ from rebasin.solvers.lapx_backend import lapx_available, solve_lapx
 from rebasin.solvers.scipy_backend import solve_scipy
 from rebasin.solvers.sinkhorn_backend import solve_sinkhorn
 
-__all__ = ["solve", "Assignment", "SolverSpec", "SolverUnavailable", "available_solvers", "SOLVERS"]
+__all__ = ["SOLVERS", "Assignment", "SolverSpec", "SolverUnavailable", "available_solvers", "solve"]
 
 # ---- auto thresholds (measured on a 2-core CPU, see benchmarks/results/solvers-cpu.md) ------
 # Below AUTO_DENSE_MAX_N a dense JV solve (lapx, else scipy) is always fastest: the certified
@@ -57,7 +57,7 @@ TRITON_MAX_N = 128  # batched GPU Hungarian (rebasin_kernels.hungarian): one pro
 
 
 def _triton_available() -> bool:
-    from rebasin_kernels.backend import triton_installed  # noqa: PLC0415
+    from rebasin_kernels.backend import triton_installed
 
     return triton_installed() and torch.cuda.is_available()
 
@@ -65,8 +65,9 @@ def _triton_available() -> bool:
 def solve_triton(cost: Array, maximize: bool = True, **_: object) -> Assignment:
     """Batched Hungarian on the GPU (``rebasin_kernels.hungarian``, fp32), checked by its duals in float64:
     ``gap`` bounds the distance to the optimum and ``certified`` says it is within round-off."""
-    from rebasin_kernels.hungarian import batched_lap  # noqa: PLC0415
-    from rebasin.solvers._common import make_result  # noqa: PLC0415
+    from rebasin_kernels.hungarian import batched_lap
+
+    from rebasin.solvers._common import make_result
 
     c = torch.as_tensor(cost)
     c = c if c.device.type == "cuda" else c.cuda()
@@ -127,7 +128,7 @@ def _run_exact(name: str, c: torch.Tensor, maximize: bool, opts: dict) -> tuple[
 def _solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
     """Row bound first (``row_best_assignment``); the problems it leaves go to the fastest exact
     backend for the shape/device (``_auto_choice``). perm (b, n), certified."""
-    from rebasin.solvers._common import make_result  # noqa: PLC0415
+    from rebasin.solvers._common import make_result
 
     c = torch.as_tensor(cost)
     b, n = c.shape[0], c.shape[1]

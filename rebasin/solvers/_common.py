@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from rebasin_kernels.hungarian import assignment_objective, check_permutations
 
 Array = np.ndarray | torch.Tensor

@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from rebasin.solvers._common import Array, Assignment, SolverUnavailable, make_result, to_numpy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pot_emd():
     """Import ``ot.emd`` robustly.
 
@@ -28,7 +28,7 @@ def _pot_emd():
     pass numpy arrays, i.e. POT's numpy backend).
     """
     try:
-        import ot  # noqa: PLC0415
+        import ot
 
         return ot.emd
     except ImportError:
@@ -37,11 +37,11 @@ def _pot_emd():
         try:
             for k in keys:
                 os.environ[k] = "1"
-            import sys  # noqa: PLC0415
+            import sys
 
             for mod in [m for m in sys.modules if m == "ot" or m.startswith("ot.")]:
                 del sys.modules[mod]
-            import ot  # noqa: PLC0415
+            import ot
 
             return ot.emd
         finally:
@@ -56,7 +56,7 @@ def emd_available() -> bool:
     try:
         _pot_emd()
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -83,7 +83,7 @@ def solve_emd(cost: Array, maximize: bool = True, *, num_iter_max: int = 10_000_
     """Solve each (n, n) slice of a (b, n, n) cost with ``ot.emd``; perm (b, n)."""
     try:
         emd = _pot_emd()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise SolverUnavailable(f"solver 'emd' needs POT (pip install pot): {exc}") from exc
     c_all = to_numpy(cost, np.float64)
     if maximize:

@@ -21,16 +21,16 @@ from rebasin.solvers._common import Array, Assignment, SolverUnavailable, make_r
 LOOP_MAX_N = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lapx_available() -> bool:
     """True when the lapx package (imported as ``lap``) with ``lapjvs`` is importable."""
     if importlib.util.find_spec("lap") is None:
         return False
     try:
-        import lap  # noqa: PLC0415
+        import lap
 
         return hasattr(lap, "lapjvs") and hasattr(lap, "lapjvs_batch")
-    except Exception:  # noqa: BLE001 — a broken optional install must not break the registry
+    except Exception:
         return False
 
 
@@ -38,7 +38,7 @@ def solve_lapx(cost: Array, maximize: bool = True, *, precision: str = "float64"
     """Solve each (n, n) slice of a (b, n, n) cost with lapx's JV; perm (b, n)."""
     if not lapx_available():
         raise SolverUnavailable("solver 'lapx' needs the lapx package (pip install lapx); it is not importable here")
-    import lap  # noqa: PLC0415
+    import lap
 
     if precision not in ("float64", "float32"):
         raise ValueError(f"lapx precision must be 'float64' or 'float32', got {precision!r}")

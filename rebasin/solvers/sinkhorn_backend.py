@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from rebasin_kernels.sinkhorn import log_sinkhorn as kernel_log_sinkhorn
 from scipy.optimize import linear_sum_assignment
 
-from rebasin_kernels.sinkhorn import log_sinkhorn as kernel_log_sinkhorn
 from rebasin.solvers._common import Array, Assignment, make_result
 
 _CLAMP = -60.0

@@ -18,7 +18,7 @@ def list_families() -> list[str]:
     return sorted(p.stem for p in FAMILIES_DIR.glob("*.toml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_family(name: str) -> FamilySpec:
     path = FAMILIES_DIR / f"{name}.toml"
     if not path.is_file():
