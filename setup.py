@@ -21,6 +21,8 @@ setup(
         "scipy>=1.11",
         "pot>=0.9.4",
         "tqdm>=4.60",
+        "transformers>=4.45",  # α calibration runs the models (the default --alpha auto)
+        "matplotlib>=3.7",  # report plots
     ],
     extras_require={
         "hf": ["transformers>=4.45", "peft>=0.12"],

@@ -59,75 +59,78 @@ def _cost_cases(quick: bool, device: str):
     ]
 
 
+def _cost_record(case: tuple, device: str, gpu: bool, repeat: int) -> dict:
+    """One cost-builder case (see ``_cost_cases``) timed: eager, native, plain matmul, and ours on a GPU."""
+    name, batch, n, n_a, m, dtype, a_t = case
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape_b = (batch, n, m) if batch > 1 else (n, m)
+    b = torch.randn(*shape_b, device=device, dtype=dtype, generator=gen)
+    if a_t:  # a non-contiguous view, as w.T of a transposed Conv1D weight
+        a = torch.randn(m, n_a, device=device, dtype=dtype, generator=gen).T
+    else:
+        a = torch.randn(*((batch, n_a, m) if batch > 1 else (n_a, m)), device=device, dtype=dtype, generator=gen)
+    col = torch.randperm(m, device=device, generator=gen)
+    flops = 2.0 * batch * n * n_a * m
+    rec: dict = {"case": f"cost {name}", "dtype": str(dtype).replace("torch.", "")}
+    t_eager, ref = timeit(lambda: gathered_cost_reference(b, a, col), device=device, repeat=repeat)
+    t_mm, _ = timeit(lambda: torch.matmul(b, a.transpose(-1, -2)), device=device, repeat=repeat)
+    # the practical torch way in the input dtype: gathered copy + native matmul, fp32 result
+    t_native, _ = timeit(lambda: torch.matmul(b, a.index_select(-1, col).transpose(-1, -2)).float(),
+                         device=device, repeat=repeat)
+    rec["eager_seconds"] = t_eager
+    rec["eager_native_seconds"] = t_native
+    rec["matmul_seconds"] = t_mm
+    rec["eager_tflops"] = flops / t_eager / 1e12
+    rec["matmul_tflops"] = flops / t_mm / 1e12
+    if gpu:
+        t_ours, got = timeit(lambda: gathered_cost(b, a, col, backend="triton"), device=device,
+                             repeat=repeat, warmup=2)
+        rec["seconds"] = t_ours
+        rec["tflops"] = flops / t_ours / 1e12
+        rec["ratio_vs_eager"] = t_eager / t_ours
+        rec["ratio_vs_eager_native"] = t_native / t_ours
+        rec["fraction_of_matmul"] = t_mm / t_ours
+        rec["max_abs_err"] = float((got - ref).abs().max())
+    else:
+        rec["seconds"] = t_eager
+        rec["triton"] = NOT_MEASURED
+    return rec
+
+
 def bench_cost(quick: bool, device: str) -> list[dict]:
-    records = []
     gpu = _gpu_triton(device)
     repeat = 3 if quick else 10
-    for name, batch, n, n_a, m, dtype, a_t in _cost_cases(quick, device):
-        gen = torch.Generator(device=device).manual_seed(0)
-        shape_b = (batch, n, m) if batch > 1 else (n, m)
-        b = torch.randn(*shape_b, device=device, dtype=dtype, generator=gen)
-        if a_t:  # a non-contiguous view, as w.T of a transposed Conv1D weight
-            a = torch.randn(m, n_a, device=device, dtype=dtype, generator=gen).T
-        else:
-            a = torch.randn(*((batch, n_a, m) if batch > 1 else (n_a, m)), device=device, dtype=dtype, generator=gen)
-        col = torch.randperm(m, device=device, generator=gen)
-        flops = 2.0 * batch * n * n_a * m
-        rec: dict = {"case": f"cost {name}", "dtype": str(dtype).replace("torch.", "")}
-        t_eager, ref = timeit(lambda: gathered_cost_reference(b, a, col), device=device, repeat=repeat)
-        t_mm, _ = timeit(lambda: torch.matmul(b, a.transpose(-1, -2)), device=device, repeat=repeat)
-        # the practical torch way in the input dtype: gathered copy + native matmul, fp32 result
-        t_native, _ = timeit(lambda: torch.matmul(b, a.index_select(-1, col).transpose(-1, -2)).float(),
-                             device=device, repeat=repeat)
-        rec["eager_seconds"] = t_eager
-        rec["eager_native_seconds"] = t_native
-        rec["matmul_seconds"] = t_mm
-        rec["eager_tflops"] = flops / t_eager / 1e12
-        rec["matmul_tflops"] = flops / t_mm / 1e12
-        if gpu:
-            t_ours, got = timeit(lambda: gathered_cost(b, a, col, backend="triton"), device=device,
-                                 repeat=repeat, warmup=2)
-            rec["seconds"] = t_ours
-            rec["tflops"] = flops / t_ours / 1e12
-            rec["ratio_vs_eager"] = t_eager / t_ours
-            rec["ratio_vs_eager_native"] = t_native / t_ours
-            rec["fraction_of_matmul"] = t_mm / t_ours
-            rec["max_abs_err"] = float((got - ref).abs().max())
-            del got
-        else:
-            rec["seconds"] = t_eager
-            rec["triton"] = NOT_MEASURED
-        del ref
-        records.append(rec)
-    return records
+    return [_cost_record(case, device, gpu, repeat) for case in _cost_cases(quick, device)]
 
 
 # --------------------------------------------------------------------------------------
+def _sinkhorn_record(b: int, n: int, iters: int, device: str, gpu: bool) -> dict:
+    """Sinkhorn on (b, n, n) uniform costs, ``iters`` iterations: the reference, and ours on a GPU."""
+    cost = torch.rand(b, n, n, device=device)
+    eps = 0.05
+    rec: dict = {"case": f"sinkhorn {b}x{n}^2 x{iters} it", "dtype": "float32"}
+    t_ref, (f2, _, _) = timeit(lambda: sinkhorn_reference(cost, eps, iters, 0.0), device=device, repeat=3)
+    rec["reference_seconds"] = t_ref
+    if gpu:
+        t_ours, (f1, _, _) = timeit(lambda: log_sinkhorn(cost, eps, iters, 0.0, backend="triton"),
+                                    device=device, repeat=5, warmup=2)
+        rec["seconds"] = t_ours
+        rec["ratio_vs_reference"] = t_ref / t_ours
+        rec["max_abs_err"] = float((f1 - f2).abs().max())
+        t_tol, (_, _, it) = timeit(lambda: log_sinkhorn(cost, eps, iters, 1e-3, backend="triton"),
+                                   device=device, repeat=5)
+        rec["seconds_tol_1e-3"] = t_tol
+        rec["iters_tol_1e-3"] = it
+    else:
+        rec["seconds"] = t_ref
+        rec["triton"] = NOT_MEASURED
+    return rec
+
+
 def bench_sinkhorn(quick: bool, device: str) -> list[dict]:
-    records = []
     gpu = _gpu_triton(device)
     cases = [(1024, 64, 100), (4, 1024, 50)] if gpu else ([(16, 32, 20)] if quick else [(1024, 64, 100)])
-    for b, n, iters in cases:
-        cost = torch.rand(b, n, n, device=device)
-        eps = 0.05
-        rec: dict = {"case": f"sinkhorn {b}x{n}^2 x{iters} it", "dtype": "float32"}
-        t_ref, (f2, _, _) = timeit(lambda: sinkhorn_reference(cost, eps, iters, 0.0), device=device, repeat=3)
-        rec["reference_seconds"] = t_ref
-        if gpu:
-            t_ours, (f1, _, _) = timeit(lambda: log_sinkhorn(cost, eps, iters, 0.0, backend="triton"),
-                                        device=device, repeat=5, warmup=2)
-            rec["seconds"] = t_ours
-            rec["ratio_vs_reference"] = t_ref / t_ours
-            rec["max_abs_err"] = float((f1 - f2).abs().max())
-            t_tol, (_, _, it) = timeit(lambda: log_sinkhorn(cost, eps, iters, 1e-3, backend="triton"),
-                                       device=device, repeat=5)
-            rec["seconds_tol_1e-3"] = t_tol
-            rec["iters_tol_1e-3"] = it
-        else:
-            rec["seconds"] = t_ref
-            rec["triton"] = NOT_MEASURED
-        records.append(rec)
-    return records
+    return [_sinkhorn_record(b, n, iters, device, gpu) for b, n, iters in cases]
 
 
 # --------------------------------------------------------------------------------------
@@ -141,35 +144,37 @@ def _scipy_loop(cost: torch.Tensor) -> tuple[float, torch.Tensor]:
     return dt, torch.from_numpy(np.stack(perms).astype(np.int64))
 
 
+def _lap_record(b: int, n: int, device: str, gpu: bool) -> dict:
+    """Assignment of (b, n, n) uniform costs: a scipy loop, the reference with duals, ours on a GPU."""
+    cost = torch.rand(b, n, n, device=device)
+    rec: dict = {"case": f"lap {b}x{n}^2 maximize", "dtype": "float32"}
+    t_scipy, perm_s = _scipy_loop(cost)
+    ref_obj = float(assignment_objective(cost.cpu(), perm_s).sum())
+    rec["scipy_loop_seconds"] = t_scipy
+    rec["reference_objective"] = ref_obj
+    t_ref, _ = timeit(lambda: batched_lap_reference(cost, True), device=device, repeat=1, warmup=0)
+    rec["reference_with_duals_seconds"] = t_ref
+    if gpu:
+        t_ours, (perm, _, _) = timeit(lambda: batched_lap(cost, True, backend="triton"), device=device,
+                                      repeat=5, warmup=1)
+        rec["seconds"] = t_ours
+        rec["objective"] = float(assignment_objective(cost, perm).sum())
+        rec["ratio_vs_scipy_loop"] = t_scipy / t_ours
+    else:
+        rec["seconds"] = t_scipy
+        rec["objective"] = ref_obj
+        rec["triton"] = NOT_MEASURED
+    rec.update(torch_linear_assignment_baseline(cost, device))
+    if gpu and "torch_linear_assignment_s" in rec:
+        rec["ratio_vs_torch_linear_assignment"] = rec["torch_linear_assignment_s"] / rec["seconds"]
+    synchronize(device)
+    return rec
+
+
 def bench_lap(quick: bool, device: str) -> list[dict]:
-    records = []
     gpu = _gpu_triton(device)
     cases = [(1024, 64), (256, 128)] if gpu else ([(128, 32)] if quick else [(1024, 64)])
-    for b, n in cases:
-        cost = torch.rand(b, n, n, device=device)
-        rec: dict = {"case": f"lap {b}x{n}^2 maximize", "dtype": "float32"}
-        t_scipy, perm_s = _scipy_loop(cost)
-        ref_obj = float(assignment_objective(cost.cpu(), perm_s).sum())
-        rec["scipy_loop_seconds"] = t_scipy
-        rec["reference_objective"] = ref_obj
-        t_ref, _ = timeit(lambda: batched_lap_reference(cost, True), device=device, repeat=1, warmup=0)
-        rec["reference_with_duals_seconds"] = t_ref
-        if gpu:
-            t_ours, (perm, _, _) = timeit(lambda: batched_lap(cost, True, backend="triton"), device=device,
-                                          repeat=5, warmup=1)
-            rec["seconds"] = t_ours
-            rec["objective"] = float(assignment_objective(cost, perm).sum())
-            rec["ratio_vs_scipy_loop"] = t_scipy / t_ours
-        else:
-            rec["seconds"] = t_scipy
-            rec["objective"] = ref_obj
-            rec["triton"] = NOT_MEASURED
-        rec.update(torch_linear_assignment_baseline(cost, device))
-        if gpu and "torch_linear_assignment_s" in rec:
-            rec["ratio_vs_torch_linear_assignment"] = rec["torch_linear_assignment_s"] / rec["seconds"]
-        synchronize(device)
-        records.append(rec)
-    return records
+    return [_lap_record(b, n, device, gpu) for b, n in cases]
 
 
 def run(quick: bool, device: str) -> list[dict]:

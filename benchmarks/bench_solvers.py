@@ -117,7 +117,7 @@ def run(quick: bool, device: str) -> list[dict]:
     for b, n in batch_cases:
         cost = make_cost("weak", n, batch=b, seed=1).to(device)
         rec = {"case": f"batch {b}x{n}^2 weak", "kind": "weak-batch", "n": n, "batch": b}
-        times, results = measure(baselines + ["auto"], cost, device)
+        times, results = measure([*baselines, "auto"], cost, device)
         objs = {m: r.objective.numpy() for m, r in results.items()}
         res = results["auto"]
         for m in times:

@@ -1,4 +1,4 @@
-"""Gathered cost builder: ``out += b @ a[a_batch_index][..., col_index].T`` in fp32.
+"""Gathered cost builder: ``out += b @ a[..., col_index].T`` in fp32.
 
 This is the matcher's hot path. For a permutation group ``g`` the cost is
 
@@ -11,12 +11,14 @@ that owns it. The Triton kernel applies ``col_index`` on the K-dimension loads o
 accumulates into an fp32 ``out`` in place, so a group's cost is one buffer filled by one
 pass per tensor.
 
-Public API (each with the same signature as its torch reference):
+Public API (kernel and reference take the same arguments; the dispatcher adds ``backend``):
 
 - :func:`gathered_cost` — dispatcher (``backend="auto" | "triton" | "torch"``),
 - :func:`gathered_cost_reference` — plain torch (index_select + matmul in fp32),
-- :func:`gathered_cost_triton` — the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``),
-- :func:`group_cost` — sums several ``(b, a, col_index)`` terms into one buffer.
+- :func:`gathered_cost_triton` — the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+A group's cost is several calls accumulating into one ``out`` buffer
+(``rebasin.matching.engine.plain_cost``).
 
 ``auto`` picks Triton only for CUDA tensors (the CPU interpreter is for tests, not speed).
 
@@ -29,8 +31,6 @@ to be L2/LSU-bound; if it measures below target, a per-tensor ``index_select`` i
 scratch buffer (~10% of the GEMM's time) or passing K-major operands are the remedies.
 """
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
@@ -53,9 +53,8 @@ def _canonical(
     b: torch.Tensor,
     a: torch.Tensor,
     col_index: torch.Tensor | None,
-    a_batch_index: torch.Tensor | None,
     out: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
     """Validate shapes; return 3-d views (b3, a3), indices, the 3-d out buffer and ``squeeze``."""
     if b.dim() not in (2, 3) or a.dim() not in (2, 3):
         raise ValueError(f"gathered_cost: b and a must be 2-d or 3-d, got {tuple(b.shape)} and {tuple(a.shape)}")
@@ -76,12 +75,8 @@ def _canonical(
         col_index = col_index.to(device=b.device, dtype=torch.int64)
     elif m_a != m:
         raise ValueError(f"gathered_cost: inner dimensions differ: b {tuple(b.shape)}, a {tuple(a.shape)}")
-    if a_batch_index is not None:
-        if a_batch_index.dim() != 1 or a_batch_index.shape[0] != batch:
-            raise ValueError(f"gathered_cost: a_batch_index must be ({batch},), got {tuple(a_batch_index.shape)}")
-        a_batch_index = a_batch_index.to(device=b.device, dtype=torch.int64)
-    elif batch_a != batch and batch_a != 1:
-        raise ValueError(f"gathered_cost: batch of b ({batch}) and a ({batch_a}) differ and no a_batch_index given")
+    if batch_a != batch and batch_a != 1:
+        raise ValueError(f"gathered_cost: batch of b ({batch}) and a ({batch_a}) differ (a batch of 1 broadcasts)")
     expected = (batch, n, n_a)
     if out is None:
         out3 = torch.zeros(expected, dtype=torch.float32, device=b.device)
@@ -92,7 +87,7 @@ def _canonical(
         if tuple(out3.shape) != expected:
             want = expected[1:] if squeeze else expected
             raise ValueError(f"gathered_cost: out must have shape {want}, got {tuple(out.shape)}")
-    return b3, a3, col_index, a_batch_index, out3, squeeze
+    return b3, a3, col_index, out3, squeeze
 
 
 def _result(out_given: torch.Tensor | None, out3: torch.Tensor, squeeze: bool) -> torch.Tensor:
@@ -109,20 +104,15 @@ def gathered_cost_reference(
     a: torch.Tensor,
     col_index: torch.Tensor | None = None,
     *,
-    a_batch_index: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    backend: str = "torch",
 ) -> torch.Tensor:
-    """``out += b @ a[a_batch_index][..., col_index].transpose(-1, -2)`` with index_select + fp32 matmul.
+    """``out += b @ a[..., col_index].transpose(-1, -2)`` with index_select + fp32 matmul.
 
-    Materialises the gathered copy of ``a`` (that is what the kernel avoids). ``backend`` is
-    accepted for signature compatibility and ignored.
+    Materialises the gathered copy of ``a`` (that is what the kernel avoids).
     """
-    b3, a3, col, abi, out3, squeeze = _canonical(b, a, col_index, a_batch_index, out)
+    b3, a3, col, out3, squeeze = _canonical(b, a, col_index, out)
     aa = a3
-    if abi is not None:
-        aa = aa.index_select(0, abi)
-    elif aa.shape[0] != b3.shape[0]:
+    if aa.shape[0] != b3.shape[0]:
         aa = aa.expand(b3.shape[0], -1, -1)
     if col is not None:
         aa = aa.index_select(2, col)
@@ -137,12 +127,12 @@ if triton is not None:
 
     @triton.jit
     def _gathered_cost_kernel(
-        b_ptr, a_ptr, col_ptr, abi_ptr, out_ptr,
+        b_ptr, a_ptr, col_ptr, out_ptr,
         N, NA, K,
         stride_bb, stride_bn, stride_bk,
         stride_ab, stride_an, stride_ak,
         stride_ob, stride_on, stride_oa,
-        HAS_COL: tl.constexpr, HAS_ABI: tl.constexpr, A_BATCHED: tl.constexpr,
+        HAS_COL: tl.constexpr, A_BATCHED: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
@@ -158,9 +148,7 @@ if triton is not None:
         pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
         pid_n = (pid % num_pid_in_group) // group_size_m
 
-        if HAS_ABI:
-            a_batch = tl.load(abi_ptr + pid_b).to(tl.int64)
-        elif A_BATCHED:
+        if A_BATCHED:
             a_batch = pid_b
         else:
             a_batch = pid_b * 0
@@ -242,9 +230,7 @@ def gathered_cost_triton(
     a: torch.Tensor,
     col_index: torch.Tensor | None = None,
     *,
-    a_batch_index: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    backend: str = "triton",
 ) -> torch.Tensor:
     """Triton version of :func:`gathered_cost_reference` (same signature and result, fp32 accumulation).
 
@@ -254,7 +240,7 @@ def gathered_cost_triton(
     """
     if triton is None:
         raise RuntimeError("gathered_cost_triton: triton is not installed")
-    b3, a3, col, abi, out3, squeeze = _canonical(b, a, col_index, a_batch_index, out)
+    b3, a3, col, out3, squeeze = _canonical(b, a, col_index, out)
     if not triton_usable(b3.device):
         raise RuntimeError(f"gathered_cost_triton: triton cannot run on {b3.device} "
                            "(CUDA needed, or TRITON_INTERPRET=1 on CPU)")
@@ -266,16 +252,14 @@ def gathered_cost_triton(
     upcast = (b3.dtype != a3.dtype) or (b3.dtype == torch.float32) or (interp and b3.dtype == torch.bfloat16)
     ieee = upcast  # fp32 operands in tl.dot: keep them exact (no TF32)
     col_arg = col if col is not None else b3  # dummy pointer, never read
-    abi_arg = abi if abi is not None else b3
     args = (
-        b3, a3, col_arg, abi_arg, out3,
+        b3, a3, col_arg, out3,
         n, n_a, k,
         b3.stride(0), b3.stride(1), b3.stride(2),
         a3.stride(0), a3.stride(1), a3.stride(2),
         out3.stride(0), out3.stride(1), out3.stride(2),
     )
-    flags = dict(HAS_COL=col is not None, HAS_ABI=abi is not None, A_BATCHED=a3.shape[0] != 1,
-                 UPCAST=upcast, IEEE=ieee)
+    flags = {"HAS_COL": col is not None, "A_BATCHED": a3.shape[0] != 1, "UPCAST": upcast, "IEEE": ieee}
     if interp:
         cfg = INTERPRET_CONFIG
         grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(n_a, cfg["BLOCK_N"]), batch)
@@ -296,18 +280,15 @@ def gathered_cost(
     a: torch.Tensor,
     col_index: torch.Tensor | None = None,
     *,
-    a_batch_index: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``out += b @ a[a_batch_index][..., col_index].transpose(-1, -2)``, fp32, no gathered copy of ``a``.
+    """``out += b @ a[..., col_index].transpose(-1, -2)``, fp32, no gathered copy of ``a``.
 
     Args:
         b: (n, m) or (batch, n, m), float32/float16/bfloat16, any strides.
-        a: (n_a, m_a) or (batch_a, n_a, m_a), any strides.
+        a: (n_a, m_a) or (batch_a, n_a, m_a), any strides; batch_a is batch or 1 (broadcast).
         col_index: (m,) int64 indices into a's last axis (None = identity, then m_a == m).
-        a_batch_index: (batch,) int64 choosing the a-batch for each b-batch
-            (None = same index; a batch_a of 1 broadcasts).
         out: (n, n_a) or (batch, n, n_a) float32, accumulated in place; zeros when None.
         backend: "auto" (Triton on CUDA when usable, torch otherwise), "triton" or "torch".
 
@@ -315,23 +296,5 @@ def gathered_cost(
         ``out`` (the given buffer, or a new one).
     """
     fn = gathered_cost_triton if pick_backend(backend, b.device) == "triton" else gathered_cost_reference
-    return fn(b, a, col_index, a_batch_index=a_batch_index, out=out)
+    return fn(b, a, col_index, out=out)
 
-
-def group_cost(
-    terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    *,
-    out: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Sum ``b @ a[..., col_index].T`` over ``terms`` into one fp32 buffer (one pass per term).
-
-    Each term is ``(b, a, col_index)`` with shapes as in :func:`gathered_cost`; every term
-    must produce the same output shape.
-    """
-    terms = list(terms)
-    if not terms and out is None:
-        raise ValueError("group_cost: no terms and no out buffer")
-    for b, a, col in terms:
-        out = gathered_cost(b, a, col, out=out, backend=backend)
-    return out

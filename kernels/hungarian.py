@@ -57,26 +57,29 @@ def _dual_dtype(cost: torch.Tensor) -> torch.dtype:
     return torch.float64 if cost.dtype == torch.float64 else torch.float32
 
 
-def column_hits(perm: np.ndarray) -> np.ndarray:
-    """(b, n) counts: how many rows of each problem chose column j (perm (b, n) in 0..n-1)."""
+def column_hits(perm: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """How many rows of each problem chose column j: (b, n) int64 counts of a (b, n) ``perm`` in 0..n-1.
+
+    numpy in, numpy out (a bincount); a tensor stays on its device (a scatter-add).
+    """
     b, n = perm.shape
-    flat = (perm + (np.arange(b) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=b * n).reshape(b, n)
+    if isinstance(perm, np.ndarray):
+        flat = (perm + (np.arange(b) * n)[:, None]).ravel()
+        return np.bincount(flat, minlength=b * n).reshape(b, n)
+    hits = torch.zeros(b, n, dtype=torch.int64, device=perm.device)
+    return hits.scatter_add_(1, perm.long(), torch.ones_like(perm, dtype=torch.int64))
 
 
 def check_permutations(perm: torch.Tensor | np.ndarray) -> bool:
     """True when every row of ``perm`` (b, n) is a permutation of 0..n-1."""
     if perm.size == 0 if isinstance(perm, np.ndarray) else perm.numel() == 0:
         return True
-    b, n = perm.shape
-    if isinstance(perm, np.ndarray) or perm.device.type == "cpu":  # numpy: cheap for small solves
-        p = np.asarray(perm)
-        return bool(p.min() >= 0 and p.max() < n and (column_hits(p) == 1).all())
-    if bool(((perm < 0) | (perm >= n)).any()):
+    n = perm.shape[1]
+    if isinstance(perm, torch.Tensor) and perm.device.type == "cpu":  # numpy: cheap for small solves
+        perm = perm.numpy()
+    if bool(perm.min() < 0) or bool(perm.max() >= n):
         return False
-    hits = torch.zeros(b, n, dtype=torch.int32, device=perm.device)
-    hits.scatter_add_(1, perm, torch.ones_like(perm, dtype=torch.int32))
-    return bool((hits == 1).all())
+    return bool((column_hits(perm) == 1).all())
 
 
 # --------------------------------------------------------------------------------------
@@ -111,13 +114,13 @@ def _duals_from_assignment(c: torch.Tensor, perm: torch.Tensor, max_rounds: int 
 
 
 def batched_lap_reference(
-    cost: torch.Tensor, maximize: bool = True, backend: str = "torch"
+    cost: torch.Tensor, maximize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact assignment per problem with ``scipy.optimize.linear_sum_assignment``, plus duals.
 
-    Same signature and returns as :func:`batched_lap`: ``perm`` (b, n) int64 with ``perm[k, i]``
-    the column of row i, and potentials ``u`` (b, n), ``v`` (b, n) (conventions in the module
-    docstring). ``backend`` is accepted for signature compatibility and ignored.
+    Arguments and returns as :func:`batched_lap` (without ``backend``): ``perm`` (b, n) int64
+    with ``perm[k, i]`` the column of row i, and potentials ``u`` (b, n), ``v`` (b, n)
+    (conventions in the module docstring).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -224,7 +227,7 @@ if triton is not None:
 
 
 def batched_lap_triton(
-    cost: torch.Tensor, maximize: bool = True, backend: str = "triton"
+    cost: torch.Tensor, maximize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of :func:`batched_lap_reference`: one program per problem, fp32 inside."""
     if triton is None:

@@ -14,7 +14,7 @@ from rebasin.permutation import invert, permute_tensor, validate
 
 def apply_checkpoint(model: Model, perms: Mapping[str, torch.Tensor], out: str | Path, *, inverse: bool = False,
                      overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                     perms_file: object = None, progress: bool = True) -> Path:
+                     perms_file: object = None, progress: bool = False) -> Path:
     """Stream ``model`` tensor by tensor through π (or π⁻¹) into ``out``, atomically.
 
     Config, tokenizer and generation files are copied from the model directory. Peak

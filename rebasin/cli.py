@@ -1,15 +1,87 @@
-"""The ``rebasin`` command line: inspect, apply, match, transfer, demo."""
+"""The ``rebasin`` command line: inspect, apply, match, transfer, demo.
+
+The one home of argument parsing and printing: the library (``rebasin.match``,
+``rebasin.transfer``, ...) returns results and never prints. Every option is validated when
+parsed (exit 2 with the valid values); a :class:`~rebasin.errors.RebasinError` becomes one
+line on stderr and its exit code.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
-from rebasin.errors import RebasinError
+from rebasin.errors import EXIT_CODES_HELP, RebasinError
 
-EPILOG = """exit codes: 0 ok, 1 internal error, 2 bad usage, 3 bad input file, 4 architecture mismatch,
-5 NaN/Inf, 6 output exists, 7 incompatible inputs, 8 write failed (nothing left behind)"""
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MODES = ("rebasin", "diff")
+
+
+# ---- option types: each rejects a bad value at parse time (argparse turns ValueError into exit 2) ----
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def alpha_value(text: str) -> float | str:
+    from rebasin.transfer import ALPHA_MODES, check_alpha_value
+
+    try:
+        return check_alpha_value(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {', '.join(ALPHA_MODES)} or a finite number, got {text!r}") \
+            from None
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def device_choice(text: str) -> str:
+    if text not in DEVICES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(DEVICES)})")
+    if text == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("cuda: this torch build has no usable CUDA device (use cpu or auto)")
+    return text
+
+
+def _solver_names() -> list[str]:
+    from rebasin.solvers import solver_names
+
+    return solver_names()
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def _sub(sub: Any, name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=description, epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -18,44 +90,53 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="CONFIG_JSON", help="config.json giving the sizes of a bare .safetensors file")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _match_args(p: argparse.ArgumentParser) -> None:
+    solvers = _solver_names()
+    p.add_argument("--solver", default="auto", choices=solvers, metavar="NAME",
+                   help=f"assignment solver: {', '.join(solvers)} (default auto: the fastest exact one for the "
+                        "size and device; sinkhorn is approximate)")
+    p.add_argument("--max-sweeps", type=positive_int, default=20, metavar="N",
+                   help="coordinate-descent sweeps at most (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the group visiting order (default 0)")
+    p.add_argument("--device", type=device_choice, default="auto", metavar="DEVICE",
+                   help=f"{', '.join(DEVICES)} (default auto: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from rebasin.specs import list_families
 
-    fams = ", ".join(list_families())
     parser = argparse.ArgumentParser(
         prog="rebasin",
         description="Move a fine-tune onto a new base model: weight matching of transformer checkpoints "
-                    f"(permutation symmetries) and task-vector transfer. Families: {fams}.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    f"(permutation symmetries) and task-vector transfer. Families: {', '.join(list_families())}.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="family, permutation groups, sizes and memory needs of a checkpoint",
-                       description="Show a checkpoint's family, its permutation groups with sizes, tensor and "
-                                   "parameter counts, and the memory a match and a transfer will need.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _sub(sub, "inspect", "family, permutation groups, sizes and memory needs of a checkpoint",
+             "Show a checkpoint's family, its permutation groups with sizes, tensor and parameter counts, "
+             "and the memory a match and a transfer will need.")
     p.add_argument("model", help="model directory or .safetensors file")
     _model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("apply", help="write MODEL with permutations applied (a functionally identical model)",
-                       description="Apply a permutations file to MODEL and write the result, atomically, as a "
-                                   "Hugging Face model directory (sharded safetensors, config and tokenizer copied).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _sub(sub, "apply", "write MODEL with permutations applied (a functionally identical model)",
+             "Apply a permutations file to MODEL and write the result, atomically, as a Hugging Face model "
+             "directory (sharded safetensors, config and tokenizer copied).")
     p.add_argument("model", help="model directory or .safetensors file")
     p.add_argument("--perms", required=True, help="permutations .safetensors file (from `rebasin match`)")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--inverse", action="store_true", help="apply the inverse permutations")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB", help="shard size limit (default 2 GiB)")
+    p.add_argument("--max-shard-size", type=positive_float, default=2.0, metavar="GIB",
+                   help="shard size limit in GiB, > 0 (default 2)")
     _model_args(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("match", help="find permutations aligning SOURCE to TARGET (weight matching)",
-                       description="Weight matching: find the symmetry π (permutations of hidden units, heads "
-                                   "and within-head dimensions) with apply(SOURCE, π) as close as possible to "
-                                   "TARGET, by coordinate descent with exact assignment per group.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _sub(sub, "match", "find permutations aligning SOURCE to TARGET (weight matching)",
+             "Weight matching: find the symmetry π (permutations of hidden units, heads and within-head "
+             "dimensions) with apply(SOURCE, π) as close as possible to TARGET, by coordinate descent with "
+             "exact assignment per group.")
     p.add_argument("source", help="model to permute (e.g. the old base)")
     p.add_argument("target", help="model to align to (e.g. the new base)")
     p.add_argument("-o", "--output", required=True, help="permutations .safetensors file to write")
@@ -65,30 +146,38 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_match)
 
-    p = sub.add_parser("transfer", help="move a fine-tune from the old base to the new base",
-                       description="Write NEW_BASE + alpha * π(FINETUNED - OLD_BASE) (rebasin mode) or "
-                                   "NEW_BASE + alpha * (FINETUNED - OLD_BASE) (diff mode) as a model directory "
-                                   "that transformers loads, with the permutations and a report.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _sub(sub, "transfer", "move a fine-tune from the old base to the new base",
+             "Write NEW_BASE + alpha * π(FINETUNED - OLD_BASE) (rebasin mode) or NEW_BASE + alpha * "
+             "(FINETUNED - OLD_BASE) (diff mode) as a model directory that transformers loads, with the "
+             "permutations and a report.")
     p.add_argument("--old-base", required=True, help="A: the base the fine-tune was trained from")
     p.add_argument("--finetuned", required=True, help="A_ft: full fine-tune directory or PEFT (LoRA) adapter directory")
     p.add_argument("--new-base", required=True, help="B: the new base release")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--mode", choices=["rebasin", "diff"], default="rebasin", help="default: rebasin")
-    p.add_argument("--alpha", type=float, default=1.0, help="task-vector scale (default 1.0)")
+    p.add_argument("--mode", choices=MODES, default="rebasin", help="default: rebasin")
+    p.add_argument("--alpha", type=alpha_value, default="auto",
+                   help="task-vector scale: auto (default: calibrated without data, minimising KL(A_ft ‖ output) on "
+                        "probe inputs), auto-layer (one α per layer), or a finite number (its verdict is still "
+                        "measured when the inputs are model directories)")
+    p.add_argument("--probe-data", metavar="PATH", help="unlabeled probe inputs for calibration: a text file (one "
+                   "example a line) or a .safetensors of input tensors (default: sampled from the fine-tune for "
+                   "causal LMs, synthetic otherwise)")
+    p.add_argument("--probe-count", type=positive_int, default=32, metavar="N", help="probe examples (default 32)")
+    p.add_argument("--probe-length", type=positive_int, default=128, metavar="T",
+                   help="tokens per synthetic probe (default 128)")
+    p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
+                   "calibration's relative KL reduction over the new base is below X (e.g. 0.1)")
     p.add_argument("--perms", help="reuse a permutations file instead of matching")
     _match_args(p)
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="output dtype (default: the new base's)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="output dtype (default: the new base's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, memory and disk needs; write nothing")
     p.add_argument("--verify", action="store_true", help="check on random inputs that π(A) computes what A does")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_transfer)
 
-    p = sub.add_parser("demo", help="end-to-end demo on small ViTs trained here (nothing downloaded)",
-                       description="Train (and cache) two small ViTs from different seeds on scikit-learn's "
-                                   "digits, fine-tune one on a sub-task, transfer the fine-tune to the other in "
-                                   "diff and rebasin modes, and print and plot the accuracies.")
+    p = _sub(sub, "demo", "end-to-end demo on small models trained here (nothing downloaded)",
+             "Build (and cache) small models, fine-tune one, transfer the fine-tune in diff and rebasin "
+             "modes, and print and plot the results.")
     p.add_argument("-o", "--output", default="rebasin-demo", help="output folder for the table and plot")
     p.add_argument("--cache", default=None, help="model cache folder (default ~/.cache/rebasin/demo)")
     p.add_argument("--seed", type=int, default=0)
@@ -96,14 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _match_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="auto", help="assignment solver: auto (default: the fastest exact one for "
-                   "the size and device), scipy, lapx, emd, certified, sinkhorn (approximate)")
-    p.add_argument("--max-sweeps", type=int, default=20, help="coordinate-descent sweeps at most (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the group visiting order (default 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-
-
+# ---- commands -------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rebasin.model import open_model
     from rebasin.summary import format_summary, summarize
@@ -115,27 +197,101 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from rebasin.apply import apply_checkpoint
+    from rebasin.io.perms_file import load_perms
     from rebasin.model import open_model
-    from rebasin.permutation import load_perms
 
     model = open_model(args.model, family=args.arch, config=args.config)
     perms, _meta = load_perms(args.perms)
     out = apply_checkpoint(model, perms, args.output, inverse=args.inverse, overwrite=args.overwrite,
-                           max_shard_bytes=int(args.max_shard_size * 2**30), perms_file=args.perms)
+                           max_shard_bytes=int(args.max_shard_size * 2**30), perms_file=args.perms, progress=True)
     print(f"wrote {out}")
     return 0
 
 
-def cmd_match(args: argparse.Namespace) -> int:
-    from rebasin.matching.cli import run_match
+def format_match(result: Any) -> str:
+    """The per-sweep objective, per-group table and time split of a :class:`MatchResult`."""
+    gain = result.objective - result.objective_identity
+    lines = [
+        f"objective  identity {result.objective_identity:.6g}  ->  found {result.objective:.6g}  "
+        f"(+{gain:.4g}; {result.sweeps} sweep(s), {'converged' if result.converged else 'max sweeps reached'})",
+        "per sweep  " + "  ".join(f"{j:.6g}" for j in result.objective_history),
+        f"{'group':<28} {'kind':<9} {'size':>6} {'moved':>7} {'cos before':>11} {'cos after':>10}",
+    ]
+    for g in result.groups:
+        lines.append(f"{g.name:<28} {g.kind:<9} {g.size:>6} {g.moved:>7.1%} {g.cos_before:>11.4f} {g.cos_after:>10.4f}")
+    lines.append("time (s)   " + "  ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    return "\n".join(lines)
 
-    return run_match(args)
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from rebasin.io.perms_file import save_perms
+    from rebasin.io.writer import atomic_output_file, ensure_output_free
+    from rebasin.matching.api import match
+    from rebasin.model import open_model
+
+    out = Path(args.output)
+    ensure_output_free(out, args.overwrite)
+    source = open_model(args.source, family=args.arch, config=args.config)
+    target = open_model(args.target, family=args.arch, config=args.config)
+    result = match(source, target, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed,
+                   device=args.device, progress=True)
+    extra = {"objective_identity": repr(result.objective_identity), "objective": repr(result.objective),
+             "solver": args.solver, "seed": str(args.seed)}
+    atomic_output_file(out, lambda p: save_perms(p, result.perms, family=source.family, source=str(source.path),
+                                                 target=str(target.path), extra=extra), overwrite=args.overwrite)
+    if args.report:
+        report = {"source": str(source.path), "target": str(target.path), "family": source.family,
+                  "perms": str(out), **result.to_dict()}
+        atomic_output_file(Path(args.report), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
+                           overwrite=True)
+    print(format_match(result))
+    print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def format_transfer(report: dict[str, Any], output: Path) -> str:
+    """What a finished transfer prints: what was written, the alignment and verification lines."""
+    r = report
+    lines = []
+    if r.get("verify"):
+        lines.append(f"verify: max |π(A)(x) − A(x)| = {r['verify']['max_abs_diff']:.3g}")
+    if r.get("match"):
+        m = r["match"]
+        lines.append(f"alignment objective: identity {m['objective_identity']:.6g} -> matched {m['objective']:.6g}")
+    if r.get("lineage"):
+        lines.append(r["lineage"])
+    c = r.get("calibration")
+    if c:
+        lines.append(f"calibration: {c['divergence'].upper()}(A_ft ‖ B) {c['kl_base']:.4g} -> {c['kl_chosen']:.4g} "
+                     f"at α = {c['alpha']:.3g} ({c['seconds']:.1f} s, {c['probes']['count']} {c['probes']['kind']} "
+                     "probes)")
+        lines.append(c["line"])
+    t = r["tensors"]
+    alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:g}"
+    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; {t['with_delta']} tensors moved, "
+                 f"{t['copied_from_b']} copied from B)")
+    return "\n".join(lines)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = ["dry run: nothing written"]
+    lines += [f"  {key:<13} {plan[key]}" for key in ("family", "mode", "groups", "permutations", "alpha",
+                                                      "peak_memory", "disk")]
+    lines.append("  files         " + "\n                ".join(plan["files"]))
+    return "\n".join(lines)
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from rebasin.transfer import run_transfer
+    from rebasin.transfer import transfer
 
-    return run_transfer(args)
+    result = transfer(args.old_base, args.finetuned, args.new_base, args.output, mode=args.mode, alpha=args.alpha,
+                      perms=args.perms, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed,
+                      device=args.device, dtype=args.dtype, probe_data=args.probe_data, probe_count=args.probe_count,
+                      probe_length=args.probe_length, probe_seed=args.seed, require_gain=args.require_gain,
+                      check_alpha=True, overwrite=args.overwrite, verify=args.verify, dry_run=args.dry_run,
+                      progress=True)
+    print(format_plan(result.report["plan"]) if args.dry_run else format_transfer(result.report, result.output))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -146,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -157,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rebasin: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("rebasin: interrupted; nothing was written", file=sys.stderr)
+        print("\nrebasin: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

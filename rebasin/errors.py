@@ -10,10 +10,15 @@ Exit codes (``rebasin`` CLI):
 5     non-finite values (NaN / Inf) in an input tensor or cost matrix
 6     output already exists (pass ``--overwrite``)
 7     incompatible inputs: different architectures/shapes, empty task vector
-8     writing the output failed (disk full, interrupted); nothing was left behind
+8     writing the output failed (disk full, unwritable path); nothing was left behind
+130   interrupted (Ctrl-C); nothing was left behind
 ====  ==========================================================================
 """
 from __future__ import annotations
+
+EXIT_CODES_HELP = """exit codes: 0 ok, 1 internal error (a bug), 2 bad usage or option value, 3 bad input file,
+4 architecture mismatch, 5 NaN/Inf, 6 output exists, 7 incompatible inputs or refused (no gain,
+over the memory budget), 8 write failed, 130 interrupted; after any failure nothing is left behind"""
 
 
 class RebasinError(Exception):
@@ -50,6 +55,12 @@ class OutputExistsError(RebasinError):
 
 
 class IncompatibleInputsError(RebasinError):
+    exit_code = 7
+
+
+class RefusedError(RebasinError):
+    """A guard the user set refused the job (``--require-gain``, the memory budget)."""
+
     exit_code = 7
 
 

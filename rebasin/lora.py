@@ -6,7 +6,6 @@ the adapter stays an adapter.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,11 +15,11 @@ from typing import Any
 import torch
 
 from rebasin.errors import ArchitectureError, InputFileError
+from rebasin.io.jsonfile import read_json
 from rebasin.permutation import axis_index
 from rebasin.specs import Spec
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
@@ -29,10 +28,8 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputFileError(f"cannot read adapter config: {exc}", file=path / ADAPTER_CONFIG) from None
+    """``adapter_config.json`` of the adapter directory ``path``; InputFileError unless it is plain LoRA."""
+    cfg = read_json(path / ADAPTER_CONFIG, what="adapter config")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise InputFileError(f"only LoRA adapters are supported, got peft_type={cfg.get('peft_type')}",
                              file=path / ADAPTER_CONFIG)

@@ -1,13 +1,13 @@
 """A checkpoint together with its resolved spec: the unit every command works on."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebasin.errors import ArchitectureError, InputFileError
+from rebasin.errors import ArchitectureError
 from rebasin.io.checkpoint import Checkpoint, open_checkpoint
+from rebasin.io.jsonfile import read_json
 from rebasin.specs import Spec, resolve_spec
 
 
@@ -30,9 +30,6 @@ class Model:
     def config(self) -> dict[str, Any]:
         return self.checkpoint.config
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.checkpoint.tensors.items()}
-
 
 def open_model(path: str | Path, *, family: str | None = None, config: str | Path | None = None) -> Model:
     """Open a model directory or bare ``.safetensors`` file and resolve its spec.
@@ -45,13 +42,9 @@ def open_model(path: str | Path, *, family: str | None = None, config: str | Pat
     """
     ckpt = open_checkpoint(path)
     if config is not None:
-        cpath = Path(config)
-        try:
-            ckpt.config = json.loads(cpath.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputFileError(f"cannot read config: {exc}", file=cpath) from None
+        ckpt.config = read_json(config, what="model config")
     elif not ckpt.config and ckpt.path.is_file() and (ckpt.path.parent / "config.json").is_file():
-        ckpt.config = json.loads((ckpt.path.parent / "config.json").read_text(encoding="utf-8"))
+        ckpt.config = read_json(ckpt.path.parent / "config.json", what="model config")
     if not ckpt.config:
         if family is None:
             raise ArchitectureError("a bare .safetensors file needs --arch FAMILY and --config config.json", file=path)

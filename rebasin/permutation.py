@@ -4,7 +4,8 @@ Convention (gather, indexed by *target* slots): for a plain group with permutati
 applying it to a tensor axis gives ``new[i] = old[p[i]]``. ``rebasin match SOURCE TARGET``
 returns ``π`` with ``apply(SOURCE, π) ≈ TARGET``.
 
-Tensors stored per group (the permutations file holds exactly these, as int64):
+Tensors stored per group (the permutations file, :mod:`rebasin.io.perms_file`, holds exactly
+these, as int64):
 
 ===============================  ====================  =========================================
 key                              shape                 meaning
@@ -23,17 +24,13 @@ So Q row ``((k·q + j)·d_head + d)`` of the result is Q row
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from rebasin.errors import ArchitectureError, InputFileError
-from rebasin.specs import Group, Spec
+from rebasin.errors import ArchitectureError
+from rebasin.specs import AxisRef, Group, Spec
 
-FORMAT = "rebasin.permutations"
-FORMAT_VERSION = "1"
 ATTN_PARTS = ("heads", "qgroup", "qk", "vo")
 
 Perms = dict[str, torch.Tensor]
@@ -174,8 +171,8 @@ def _head_index(group: Group, perms: Mapping[str, torch.Tensor], role: str) -> t
     return (head[:, :, None] * d + within[:, None, :]).reshape(-1)
 
 
-def axis_index(spec: Spec, perms: Mapping[str, torch.Tensor], ref) -> torch.Tensor:
-    """The int64 gather index that ``ref`` (an AxisRef) applies along its axis."""
+def axis_index(spec: Spec, perms: Mapping[str, torch.Tensor], ref: AxisRef) -> torch.Tensor:
+    """The int64 gather index (axis length,) that ``ref`` applies along its axis."""
     group = spec.groups[ref.group]
     if group.is_attention:
         return _head_index(group, perms, ref.role)
@@ -194,7 +191,8 @@ def permute_tensor(spec: Spec, name: str, tensor: torch.Tensor, perms: Mapping[s
     return out
 
 
-def apply_to_state(spec: Spec, perms: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_to_state(spec: Spec, perms: Mapping[str, torch.Tensor],
+                   state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply π to every tensor of a state dict (invariant tensors pass through)."""
     return {name: permute_tensor(spec, name, t, perms) if name in spec.axes else t for name, t in state.items()}
 
@@ -204,29 +202,14 @@ def moved_fraction(perms: Mapping[str, torch.Tensor], key: str) -> float:
     return float((p != _arange(tuple(p.shape)).to(p.device)).float().mean()) if p.numel() else 0.0
 
 
-def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], *, family: str, source: str = "",
-               target: str = "", extra: Mapping[str, str] | None = None) -> None:
-    """Write π as a ``.safetensors`` file: one int64 tensor per key, plus metadata."""
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": family,
-                "source": str(source), "target": str(target),
-                "convention": "apply(source, perms) ~= target; new[i] = old[perm[i]]", **(extra or {})}
-    save_file({k: v.to(torch.int64).contiguous().cpu() for k, v in perms.items()}, str(path), metadata=metadata)
+_MOVED_TO_IO = ("FORMAT", "FORMAT_VERSION", "load_perms", "save_perms")
 
 
-def load_perms(path: str | Path) -> tuple[Perms, dict[str, str]]:
-    """Read a permutations file written by :func:`save_perms`."""
-    from rebasin.io.checkpoint import read_header
+def __getattr__(name: str) -> Any:
+    # The file format now lives in rebasin.io.perms_file; rebasin/demo.py and tests/test_demo.py
+    # still import it from here. Drop this once they import rebasin.io.perms_file.
+    if name in _MOVED_TO_IO:
+        from rebasin.io import perms_file
 
-    path = Path(path)
-    read_header(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            perms = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise InputFileError(f"cannot read permutations: {exc}", file=path) from None
-    if meta.get("format") != FORMAT:
-        raise InputFileError(f"not a rebasin permutations file (metadata format={meta.get('format')!r})", file=path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputFileError(f"unsupported permutations format version {meta.get('format_version')!r}", file=path)
-    return perms, meta
+        return getattr(perms_file, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,7 @@
-"""Transfer reports: ``report.json``, ``report.md`` and a per-layer alignment plot."""
+"""Transfer reports: ``report.json``, ``report.md``, the per-layer alignment plot and the α curve."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,8 @@ def write_report(directory: Path, report: dict[str, Any]) -> list[str]:
     plot = plot_alignment(directory / "alignment.png", (report.get("match") or {}).get("groups", []))
     if plot:
         written.append("alignment.png")
+    if report.get("calibration") and plot_alpha(directory / "alpha.png", report["calibration"]):
+        written.append("alpha.png")
     (directory / "report.md").write_text(markdown(report, plot))
     return written
 
@@ -32,6 +33,22 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
                      f"the delta (mapped by {v['mapped_by']}), {v['b_rows_kept_from_b']} kept B's values")
     if report.get("verify"):
         lines.append(f"- verify: max |π(A)(x) − A(x)| = {report['verify']['max_abs_diff']:.3g} on random inputs")
+    c = report.get("calibration")
+    if c:
+        name = "KL" if c["divergence"] == "kl" else "NMSE"
+        lines += ["", "## Calibration and verdict", "", f"**{c['line']}**", "",
+                  f"- {name}(A_ft ‖ B) = {c['kl_base']:.4g}; at the written α: {c['kl_chosen']:.4g} "
+                  f"(relative reduction {c['reduction']:.1%})" + (f"; at α = 1: {c['kl_at_one']:.4g}"
+                                                                    if c.get("kl_at_one") is not None else ""),
+                  f"- probes: {c['probes']['count']} × {c['probes']['kind']}; {c['seconds']:.1f} s"]
+        if c.get("layer_fit"):
+            f = c["layer_fit"]
+            lines.append(f"- per-layer α {'kept' if f['kept'] else 'not kept'}: held-out {name} "
+                         f"{f['heldout_layer']:.4g} (per layer) vs {f['heldout_global']:.4g} (global); "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in f["blocks"].items()))
+        lines += ["", "![divergence from the fine-tune against α](alpha.png)"]
+    if report.get("lineage"):
+        lines += ["", report["lineage"]]
     m = report.get("match")
     if m:
         lines += ["", "## Alignment of A to B", "",
@@ -46,16 +63,12 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _layer_key(name: str) -> tuple[str, int] | None:
-    m = re.search(r"layers\.(?:\d+\.)?(\d+)\.(\w+)$", name)
-    if not m:
-        return None
-    prefix = name[: name.index("layers")]
-    return f"{prefix}{m.group(2)}", int(m.group(1))
-
-
 def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
-    """Per-layer cosine similarity of A's units to B's before and after π, one panel per group kind."""
+    """Per-layer cosine similarity of A's units to B's before and after π, one panel per group template.
+
+    ``groups``: the ``groups`` of :meth:`MatchResult.to_dict`; global groups (``layer`` None)
+    are not plotted. Returns False when matplotlib is missing or nothing is per-layer.
+    """
     try:
         import matplotlib
 
@@ -65,23 +78,49 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
         return False
     series: dict[str, list[tuple[int, float, float]]] = {}
     for g in groups:
-        key = _layer_key(g["name"])
-        if key:
-            series.setdefault(key[0], []).append((key[1], g["cos_before"], g["cos_after"]))
+        if g.get("layer") is not None:
+            series.setdefault(g["template"], []).append((g["layer"], g["cos_before"], g["cos_after"]))
     if not series:
         return False
     fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
-    for ax, (kind, points) in zip(axes[0], sorted(series.items()), strict=True):
+    for ax, (template, points) in zip(axes[0], sorted(series.items()), strict=True):
         points.sort()
         xs = [p[0] for p in points]
         ax.plot(xs, [p[1] for p in points], "o-", label="before (identity)", color="#999999")
         ax.plot(xs, [p[2] for p in points], "o-", label="after π", color="#d62728")
-        ax.set_title(kind)
+        ax.set_title(template)
         ax.set_xlabel("layer")
         ax.set_ylabel("mean cosine, A vs B units")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle("Alignment of the old base to the new base")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_alpha(path: Path, calibration: dict[str, Any]) -> bool:
+    """Divergence of ``B + α·π(τ)`` from the fine-tune against α, with B's level and the chosen α."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    xs, ys = zip(*calibration["curve"], strict=True)
+    name = "KL(A_ft ‖ output)" if calibration["divergence"] == "kl" else "NMSE(A_ft, output)"
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(xs, ys, "o-", color="#1f77b4", label=name)
+    ax.axhline(calibration["kl_base"], color="#999999", ls="--", label="the new base B (α = 0)")
+    ax.axvline(calibration["alpha"], color="#d62728", ls=":", label=f"chosen α = {calibration['alpha']:.2f}")
+    ax.set_xlabel("α")
+    ax.set_ylabel(name)
+    ax.set_ylim(bottom=0)
+    ax.set_title(calibration["line"] if len(calibration["line"]) < 60 else calibration["verdict"], fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

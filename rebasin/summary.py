@@ -1,15 +1,10 @@
 """What ``rebasin inspect`` reports: family, groups, counts, and the memory a job needs."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from rebasin.io.writer import DEFAULT_SHARD_BYTES
 from rebasin.model import Model
-
-
-def group_template(name: str) -> str:
-    return re.sub(r"\.\d+(?=\.)", ".{L}", name)
 
 
 def human_bytes(n: float) -> str:
@@ -46,7 +41,7 @@ def summarize(model: Model) -> dict[str, Any]:
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
     templates: dict[str, dict[str, Any]] = {}
     for g in spec.groups.values():
-        t = templates.setdefault(group_template(g.name), {"count": 0, "kind": g.kind, "size": g.size})
+        t = templates.setdefault(g.template, {"count": 0, "kind": g.kind, "size": g.size})
         t["count"] += 1
         if g.is_attention:
             t.update(n_heads=g.n_heads, n_kv_heads=g.n_kv_heads, d_head=g.d_head, rope=g.rope, qk_shared=g.qk_shared)

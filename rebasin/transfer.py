@@ -8,8 +8,9 @@ and generation files, ``permutations.safetensors`` (rebasin mode), ``report.json
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rebasin.errors import IncompatibleInputsError, RebasinError
+from rebasin.compat import check_same_architecture
+from rebasin.errors import IncompatibleInputsError, RebasinError, RefusedError
 from rebasin.io.checkpoint import open_checkpoint
+from rebasin.io.perms_file import load_perms, save_perms
 from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files, ensure_output_free
 from rebasin.lora import ADAPTER_CONFIG, is_adapter_dir, lora_site, permute_lora, read_adapter_config
 from rebasin.model import Model, open_model
-from rebasin.permutation import identity, load_perms, permute_tensor, save_perms, validate
+from rebasin.permutation import identity, permute_tensor, validate
 from rebasin.report import write_report
 from rebasin.summary import human_bytes, memory_estimate
 from rebasin.vocab import VocabMap, vocab_map
 
+ALPHA_MODES = ("auto", "auto-layer")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PERMS_FILE = "permutations.safetensors"
 
@@ -37,15 +41,6 @@ class TransferResult:
     report: dict[str, Any]
     perms: dict[str, torch.Tensor] | None = None
     files: list[str] = field(default_factory=list)
-
-
-def _check_same_arch(a: Model, b: Model, what: str) -> None:
-    if a.family != b.family:
-        raise IncompatibleInputsError(f"{what}: {a.path} is {a.family} but {b.path} is {b.family}")
-    for g, grp in a.spec.groups.items():
-        if b.spec.groups.get(g) != grp:
-            raise IncompatibleInputsError(f"{what}: permutation group '{g}' differs ({grp} vs {b.spec.groups.get(g)})",
-                                          file=b.path)
 
 
 def _vocab_axes(spec_a: Model, b: Model, name: str) -> int | None:
@@ -60,28 +55,72 @@ def _vocab_axes(spec_a: Model, b: Model, name: str) -> int | None:
     return diff[0]
 
 
-def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: str | None) -> dict[str, Any]:
+def check_alpha_value(alpha: float | str) -> float | str:
+    """"auto", "auto-layer" or a finite number (ValueError otherwise)."""
+    if isinstance(alpha, str):
+        if alpha in ALPHA_MODES:
+            return alpha
+        try:
+            alpha = float(alpha)
+        except ValueError:
+            raise ValueError(f"alpha must be {', '.join(ALPHA_MODES)} or a finite number, got {alpha!r}") from None
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def same_lineage_line(match_report: dict[str, Any] | None, threshold: float = 0.01) -> str | None:
+    """"B continues A" when matching moved (almost) no unit: then diff and rebasin modes agree."""
+    if not match_report or not match_report.get("groups"):
+        return None
+    groups = match_report["groups"]
+    moved = sum(g["moved"] * g["size"] for g in groups) / max(1, sum(g["size"] for g in groups))
+    if moved > threshold:
+        return None
+    return f"B continues A: matching returned the identity ({moved:.1%} of units moved); diff and rebasin agree"
+
+
+def _have_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: str | None,
+         alpha: float | str) -> dict[str, Any]:
     mem = memory_estimate(a)
     files = ([ADAPTER_CONFIG, "adapter_model.safetensors"] if adapter else ["model.safetensors (sharded + index "
              "when over the shard limit)"]) + ["config/tokenizer/generation files from B", "report.json",
                                               "report.md", "alignment.png"]
     if mode == "rebasin":
         files.insert(1, PERMS_FILE)
+    if isinstance(alpha, str):
+        files.append("alpha.png")
     return {
         "family": a.family, "mode": mode, "groups": len(a.spec.groups),
         "permutations": perms_file or (f"match A -> B with solver '{solver}'" if mode == "rebasin" else "none"),
+        "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, A and B as modules)"
+                  if isinstance(alpha, str) else f"{alpha:g}"),
         "files": files,
-        "peak_memory": human_bytes(mem["transfer_rebasin" if mode == "rebasin" and not perms_file else "transfer_diff"]),
+        "peak_memory": human_bytes(mem["transfer_rebasin" if mode == "rebasin" and not perms_file
+                                       else "transfer_diff"]),
         "disk": human_bytes(b.checkpoint.nbytes() if not adapter else 0),
     }
 
 
 def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, output: str | Path, *,
-             mode: str = "rebasin", alpha: float = 1.0, perms: str | Path | None = None, solver: str = "auto",
-             max_sweeps: int = 20, seed: int = 0, device: str = "auto", dtype: str = "auto",
+             mode: str = "rebasin", alpha: float | str = "auto", perms: str | Path | None = None,
+             solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str = "auto", dtype: str = "auto",
+             probe_data: str | Path | None = None, probe_count: int = 32, probe_length: int = 128,
+             probe_seed: int = 0, require_gain: float | None = None, check_alpha: bool = False,
              overwrite: bool = False, verify: bool = False, dry_run: bool = False,
-             progress: bool = True) -> TransferResult:
+             progress: bool = False) -> TransferResult:
     """Write the fine-tune moved onto ``new_base`` to ``output`` (see module docstring).
+
+    ``alpha``: "auto" (calibrated, see :mod:`rebasin.calibrate`), "auto-layer" (one α per layer),
+    or a number; with a number and ``check_alpha`` the verdict is still measured (D(0), D(α)).
+    ``require_gain``: refuse (exit 7, nothing written) when the calibrated relative divergence
+    reduction is below it. ``probe_*``: the calibration's probe inputs.
 
     Raises RebasinError subclasses (each names the file/tensor, with a distinct exit code)
     for mismatched architectures, an empty task vector, NaN/Inf, truncated or non-safetensors
@@ -89,25 +128,32 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     """
     if mode not in ("rebasin", "diff"):
         raise RebasinError(f"unknown mode '{mode}' (rebasin or diff)")
+    alpha = check_alpha_value(alpha)
     output = Path(output)
     a, b = open_model(old_base), open_model(new_base)
     adapter = is_adapter_dir(finetuned)
     ft_ckpt = open_checkpoint(finetuned) if adapter else None
     ft = None if adapter else open_model(finetuned)
     if ft is not None:
-        _check_same_arch(a, ft, "old base and fine-tune are not the same architecture")
+        check_same_architecture(a.spec, ft.spec, a.path, ft.path, "the old base and the fine-tune")
         for name in a.spec.shapes:
             if name not in ft.spec.shapes:
                 raise IncompatibleInputsError("missing from the fine-tune", file=ft.path, tensor=name)
             if ft.spec.shapes[name] != a.spec.shapes[name]:
                 raise IncompatibleInputsError(f"shape {list(ft.spec.shapes[name])} in the fine-tune vs "
                                               f"{list(a.spec.shapes[name])} in the old base", file=ft.path, tensor=name)
-    _check_same_arch(a, b, "old base and new base are not the same architecture")
+    check_same_architecture(a.spec, b.spec, a.path, b.path, "the old base and the new base")
     lost = [n for n in a.spec.shapes if n not in b.spec.shapes]
     if lost:
         raise IncompatibleInputsError("the new base lacks this tensor of the old base", file=b.path, tensor=lost[0])
+    needed = isinstance(alpha, str) or require_gain is not None
+    bare = next((m for m in (a, b) if m.checkpoint.directory is None), None)
+    if needed and bare is not None:
+        raise RebasinError("calibrating α needs model directories (config.json beside the weights); "
+                           "pass a number to --alpha", file=bare.path)
     if dry_run:
-        return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, str(perms) if perms else None)})
+        return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, str(perms) if perms else None,
+                                                    alpha)})
     ensure_output_free(output, overwrite)
 
     vocab: VocabMap | None = None
@@ -129,6 +175,18 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
             result = match(a, b, solver=solver, max_sweeps=max_sweeps, seed=seed, device=device, progress=progress,
                            vocab=vocab)
             pi, match_report = result.perms, result.to_dict()
+    lineage = same_lineage_line(match_report)
+    calibration = None
+    if needed or (check_alpha and bare is None and _have_transformers()):
+        from rebasin.calibrate import calibrate
+
+        calibration = calibrate(a.checkpoint.directory, Path(finetuned), b.checkpoint.directory, a.family, perms=pi,
+                                alpha=alpha, vocab=vocab, probe_data=probe_data, probe_count=probe_count,
+                                probe_length=probe_length, seed=probe_seed, progress=progress)
+        if require_gain is not None and calibration.reduction < require_gain:
+            raise RefusedError(f"the fine-tune does not carry over enough: KL reduction {calibration.reduction:.1%} "
+                               f"< --require-gain {require_gain:.1%} ({calibration.line}); nothing written",
+                               file=Path(finetuned))
     verify_report = None
     if verify:
         from rebasin.verify import verify_symmetry
@@ -137,18 +195,20 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
             raise RebasinError("--verify needs the old base as a model directory", file=a.path)
         diff = verify_symmetry(a.checkpoint.directory, a.spec, pi or identity(a.spec), seed=seed)
         verify_report = {"max_abs_diff": diff}
-        print(f"verify: max |π(A)(x) − A(x)| = {diff:.3g}")
 
     out_dtype = DTYPES.get(dtype)
-    report: dict[str, Any] = {"mode": mode, "alpha": alpha, "family": a.family, "old_base": str(a.path),
+    alpha_of = calibration.alpha_of if calibration is not None else (lambda _name: float(alpha))
+    report: dict[str, Any] = {"mode": mode, "alpha": alpha_of(""), "alpha_requested": alpha,
+                              "calibration": calibration.to_dict() if calibration else None, "lineage": lineage,
+                              "family": a.family, "old_base": str(a.path),
                               "finetuned": str(finetuned), "new_base": str(b.path), "adapter": adapter,
                               "vocab": vocab.summary() if vocab else None, "verify": verify_report,
                               "match": match_report, "perms": str(perms) if perms else (PERMS_FILE if pi else None)}
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         if adapter:
-            stats = _write_adapter(tmp, ft_ckpt, a, b, pi, alpha, finetuned, progress)
+            stats = _write_adapter(tmp, ft_ckpt, a, b, pi, alpha_of, finetuned, progress)
         else:
-            stats = _write_full(tmp, a, ft, b, pi, alpha, out_dtype, vocab, vocab_axes, progress)
+            stats = _write_full(tmp, a, ft, b, pi, alpha_of, out_dtype, vocab, vocab_axes, progress)
         report.update(stats)
         if pi is not None:
             save_perms(tmp / PERMS_FILE, pi, family=a.family, source=str(a.path), target=str(b.path))
@@ -156,7 +216,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     return TransferResult(output, report, pi, files)
 
 
-def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Tensor] | None, alpha: float,
+def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Tensor] | None,
+                alpha_of: Callable[[str], float],
                 out_dtype: torch.dtype | None, vocab: VocabMap | None, vocab_axes: dict[str, int],
                 progress: bool) -> dict[str, Any]:
     writer = CheckpointWriter(tmp)
@@ -177,6 +238,7 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
             delta = permute_tensor(a.spec, name, delta, pi)
         out = tb.to(torch.float32)
         axis = vocab_axes.get(name)
+        alpha = alpha_of(name)
         if axis is None:
             out = out + alpha * delta
         else:
@@ -193,7 +255,8 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
     return {"tensors": {"with_delta": with_delta, "copied_from_b": copied}, "task_vector_norm": sq_norm ** 0.5}
 
 
-def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tensor] | None, alpha: float,
+def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tensor] | None,
+                   alpha_of: Callable[[str], float],
                    finetuned: str | Path, progress: bool) -> dict[str, Any]:
     cfg = read_adapter_config(Path(finetuned))
     fan = bool(cfg.get("fan_in_fan_out", False))
@@ -209,6 +272,7 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
         sq_norm += float(t.double().pow(2).sum()) if which == "B" else 0.0
         if pi is not None:
             t = permute_lora(name, t, a.spec, pi, fan, where=ckpt.path)
+        alpha = alpha_of(site.weight)
         if which == "B" and alpha != 1.0:
             t = (t.float() * alpha).to(t.dtype)
         writer.add(name, t)
@@ -223,24 +287,3 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
                                                        "special_tokens_map.json", "vocab.txt", "vocab.json",
                                                        "merges.txt", "tokenizer.model"))
     return {"tensors": {"with_delta": n, "copied_from_b": 0}, "task_vector_norm": sq_norm ** 0.5}
-
-
-def run_transfer(args: argparse.Namespace) -> int:
-    result = transfer(args.old_base, args.finetuned, args.new_base, args.output, mode=args.mode, alpha=args.alpha,
-                      perms=args.perms, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed,
-                      device=args.device, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
-                      dry_run=args.dry_run)
-    if args.dry_run:
-        p = result.report["plan"]
-        print("dry run: nothing written")
-        for key in ("family", "mode", "groups", "permutations", "peak_memory", "disk"):
-            print(f"  {key:<13} {p[key]}")
-        print("  files         " + "\n                ".join(p["files"]))
-        return 0
-    r = result.report
-    print(f"wrote {result.output} ({r['mode']} mode, α={r['alpha']}; {r['tensors']['with_delta']} tensors moved, "
-          f"{r['tensors']['copied_from_b']} copied from B)")
-    if r.get("match"):
-        m = r["match"]
-        print(f"alignment objective: identity {m['objective_identity']:.6g} -> matched {m['objective']:.6g}")
-    return 0

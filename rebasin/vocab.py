@@ -5,12 +5,13 @@ Tokens are matched by their string through the tokenizer files when both models 
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from rebasin.io.jsonfile import read_json
 
 
 @dataclass
@@ -38,7 +39,7 @@ def read_vocab(directory: Path | None) -> dict[str, int] | None:
         return None
     tj = directory / "tokenizer.json"
     if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
+        data = read_json(tj, what="tokenizer")
         model = data.get("model", {})
         vocab = model.get("vocab")
         out: dict[str, int] = {}
@@ -52,7 +53,7 @@ def read_vocab(directory: Path | None) -> dict[str, int] | None:
             return out
     vj = directory / "vocab.json"
     if vj.is_file():
-        return {str(k): int(v) for k, v in json.loads(vj.read_text(encoding="utf-8")).items()}
+        return {str(k): int(v) for k, v in read_json(vj, what="tokenizer vocabulary").items()}
     vt = directory / "vocab.txt"
     if vt.is_file():
         return {line.rstrip("\n"): i for i, line in enumerate(vt.read_text(encoding="utf-8").splitlines())}

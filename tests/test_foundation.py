@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import CASES, run_model
+from tiny_models import CASES, ENC, TEXT, run_model
 
 from rebasin.cli import main
 from rebasin.io import open_checkpoint
+from rebasin.io.perms_file import load_perms, save_perms
 from rebasin.io.writer import CheckpointWriter, atomic_output_dir
 from rebasin.model import open_model
-from rebasin.permutation import apply_to_state, identity, invert, load_perms, random_perms, save_perms, validate
-from rebasin.specs import list_families
+from rebasin.permutation import apply_to_state, identity, invert, random_perms, validate
+from rebasin.specs import FamilySpec, list_families, resolve_spec
 
 MINILM = None
 try:
@@ -97,6 +98,91 @@ def test_spec_covers_every_tensor_and_inverse_is_exact(name, saved):
     sd = m.checkpoint.state_dict()
     back = apply_to_state(m.spec, invert(m.spec, perms), apply_to_state(m.spec, perms, sd))
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def _resolved(model):
+    return resolve_spec(model.config.to_dict(), {k: tuple(v.shape) for k, v in model.state_dict().items()})
+
+
+def test_groups_carry_template_and_layer():
+    import transformers as T
+
+    llama = _resolved(CASES["llama"].build())
+    assert [(g.name, g.template, g.layer) for g in llama.groups.values()] == [
+        ("residual", "residual", None), ("layers.0.attn", "layers.{L}.attn", 0), ("layers.0.ffn", "layers.{L}.ffn", 0),
+        ("layers.1.attn", "layers.{L}.attn", 1), ("layers.1.ffn", "layers.{L}.ffn", 1)]
+    clip = _resolved(CASES["clip"].build())
+    assert clip.groups["vision.layers.1.ffn"].template == "vision.layers.{L}.ffn"
+    assert clip.groups["vision.layers.1.ffn"].layer == 1 and clip.groups["text.residual"].layer is None
+    # ALBERT stores layers.{G}.{L}: G layer groups of inner_group_num layers each, flattened in depth order
+    albert = _resolved(T.AlbertForMaskedLM(T.AlbertConfig(
+        **{**ENC, "num_hidden_layers": 4}, num_hidden_groups=2, inner_group_num=2, embedding_size=16, **TEXT)))
+    ffn = [(g.name, g.template, g.layer) for g in albert.groups.values() if g.template.endswith("ffn")]
+    assert ffn == [(f"layers.{i // 2}.{i % 2}.ffn", "layers.{G}.{L}.ffn", i) for i in range(4)]
+    assert [g.name for g in albert.groups.values() if g.layer is None] == ["embed", "residual"]
+
+
+def test_inherits_child_entries_win(tmp_path):
+    """A child family repeating its parent's size, group or tensor pattern replaces it."""
+    (tmp_path / "base.toml").write_text('''
+family = "base"
+[sizes]
+d_model = "hidden_size"
+d_ff = "intermediate_size"
+[groups.residual]
+size = "d_model"
+[groups."layers.{L}.ffn"]
+size = "d_ff"
+[tensors]
+"embed.weight" = ["-", "residual"]
+"layers.{L}.up.weight" = ["layers.{L}.ffn", "residual"]
+"head.weight" = ["-", "-"]
+[architectures.BaseForTokens.tensors]
+"head.weight" = ["-", "residual"]
+''')
+    (tmp_path / "child.toml").write_text('''
+family = "child"
+inherits = "base"
+[sizes]
+d_ff = "ffn_size"
+[tensors]
+"head.weight" = ["residual", "-"]
+"layers.{L}.gate.weight" = ["layers.{L}.ffn", "residual"]
+''')
+    fam = FamilySpec.from_file(tmp_path / "child.toml")
+    table = dict(fam.tensor_table)
+    assert table["head.weight"] == ("residual", "-")
+    assert table["embed.weight"] == ("-", "residual") and "layers.{L}.gate.weight" in table
+    assert fam.sizes == {"d_model": "hidden_size", "d_ff": "ffn_size"}
+    assert fam.architectures == {"BaseForTokens": {"head.weight": ["-", "residual"]}}
+    shapes = {"embed.weight": (5, 4), "layers.0.up.weight": (6, 4), "layers.0.gate.weight": (6, 4),
+              "head.weight": (4, 3)}
+    spec = fam.resolve({"hidden_size": 4, "ffn_size": 6}, shapes)
+    assert [str(a) if a else "-" for a in spec.axes["head.weight"]] == ["residual", "-"]
+    assert spec.groups["layers.0.ffn"].size == 6
+
+
+def test_bad_json_is_one_clear_input_error(saved, tmp_path):
+    from rebasin.errors import InputFileError
+    from rebasin.io import read_json
+    from rebasin.lora import read_adapter_config
+    from rebasin.vocab import read_vocab
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model_type": "llama",,}')
+    with pytest.raises(InputFileError) as err:
+        read_json(bad, what="model config")
+    assert str(bad) in str(err.value) and "model config is not valid JSON" in str(err.value)
+    assert "\n" not in str(err.value) and err.value.exit_code == 3
+    _, d = saved("llama")
+    with pytest.raises(InputFileError, match=r"bad\.json"):
+        open_model(d, config=bad)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(InputFileError, match="adapter config is not a JSON object"):
+        read_adapter_config(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(InputFileError, match=r"tokenizer\.json: tokenizer is not UTF-8"):
+        read_vocab(tmp_path)
 
 
 def test_rope_and_shared_qk_constraints(saved):

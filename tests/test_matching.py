@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 from tiny_models import CASES
 
 from rebasin.cli import main
+from rebasin.io.perms_file import load_perms
 from rebasin.matching import match
 from rebasin.model import open_model
-from rebasin.permutation import apply_to_state, identity, invert, load_perms, random_perms
+from rebasin.permutation import apply_to_state, identity, invert, random_perms
 from rebasin.specs import resolve_spec
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import transformers as T
 
-TEXT = dict(vocab_size=61, max_position_embeddings=32)
+TEXT = {"vocab_size": 61, "max_position_embeddings": 32}
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ def _pixels(g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _clip_inputs(g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(0, 61, (2, 7), generator=g), "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(0, 61, (2, 7), generator=g),
+            "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
 
 
 def _seeded(fn: Callable[[], T.PreTrainedModel], seed: int = 0) -> Callable[[], T.PreTrainedModel]:
@@ -54,9 +55,9 @@ def _seeded(fn: Callable[[], T.PreTrainedModel], seed: int = 0) -> Callable[[], 
     return build
 
 
-ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
-DEC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-           vocab_size=61, max_position_embeddings=64)
+ENC = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+DEC = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+       "intermediate_size": 48, "vocab_size": 61, "max_position_embeddings": 64}
 
 CASES: dict[str, TinyCase] = {c.name: c for c in [
     TinyCase("gpt2", "gpt2", _seeded(lambda: T.GPT2LMHeadModel(T.GPT2Config(
@@ -71,8 +72,8 @@ CASES: dict[str, TinyCase] = {c.name: c for c in [
         **ENC, image_size=16, patch_size=4, num_labels=5))), _pixels, "logits"),
     TinyCase("clip", "clip", _seeded(lambda: T.CLIPModel(T.CLIPConfig(
         text_config=dict(**ENC, **TEXT, bos_token_id=0, eos_token_id=2),
-        vision_config=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
-                           image_size=16, patch_size=4),
+        vision_config={"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 40,
+                       "image_size": 16, "patch_size": 4},
         projection_dim=8))), _clip_inputs, "logits_per_image"),
     TinyCase("llama", "llama", _seeded(lambda: T.LlamaForCausalLM(T.LlamaConfig(
         **DEC, attention_bias=True, mlp_bias=True))), _ids, "logits"),

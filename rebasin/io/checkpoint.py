@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from rebasin.errors import InputFileError, NonFiniteError
+from rebasin.io.jsonfile import read_json
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 INDEX_FILE = "model.safetensors.index.json"
@@ -103,18 +104,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                                  file=path, tensor=name)
         infos[name] = info
     return infos, metadata
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputFileError(f"invalid JSON: {exc}", file=path) from None
-    except OSError as exc:
-        raise InputFileError(f"cannot read: {exc}", file=path) from None
-    if not isinstance(data, dict):
-        raise InputFileError("expected a JSON object", file=path)
-    return data
 
 
 @dataclass
@@ -204,13 +193,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     config: dict[str, Any] = {}
     for name in ("config.json", "adapter_config.json"):
         if (path / name).is_file():
-            config = _read_json(path / name)
+            config = read_json(path / name, what="model config" if name == "config.json" else "adapter config")
             break
     index = path / INDEX_FILE
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index, what="safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputFileError("index has no 'weight_map'", file=index)
         shards = sorted(set(weight_map.values()))

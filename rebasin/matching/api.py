@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rebasin.compat import check_same_architecture
 from rebasin.errors import IncompatibleInputsError
 from rebasin.io.checkpoint import ensure_finite
 from rebasin.matching.engine import MatchResult, Timer, match_states
@@ -63,13 +64,7 @@ def load(source: Source, *, family: str | None = None, config: dict[str, Any] | 
 def check_compatible(sa: Spec, sb: Spec, la: str, lb: str, vocab: VocabMap | None = None) -> list[str]:
     """Same family and group sizes; returns the tensors to match on (same shape in both, or
     differing only in vocabulary rows when ``vocab`` maps them)."""
-    if sa.family != sb.family:
-        raise IncompatibleInputsError(f"different architectures: {la} is {sa.family}, {lb} is {sb.family}")
-    if set(sa.groups) != set(sb.groups) or any(sa.groups[g] != sb.groups[g] for g in sa.groups):
-        diff = next((g for g in sorted(set(sa.groups) | set(sb.groups))
-                     if sa.groups.get(g) != sb.groups.get(g)), "?")
-        raise IncompatibleInputsError(f"permutation group '{diff}' differs between {la} and {lb} "
-                                      f"({sa.groups.get(diff)} vs {sb.groups.get(diff)})")
+    check_same_architecture(sa, sb, la, lb)
     names = []
     for name in sa.permuted_tensors():
         if name not in sb.axes:
@@ -102,7 +97,7 @@ def _compute_dtype(loaded: Loaded, names: list[str], device: torch.device) -> to
 
 def match(source: Source, target: Source, *, family: str | None = None, config: dict[str, Any] | None = None,
           solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str | torch.device | None = "auto",
-          dtype: torch.dtype | None = None, progress: bool = True, vocab: VocabMap | None = None) -> MatchResult:
+          dtype: torch.dtype | None = None, progress: bool = False, vocab: VocabMap | None = None) -> MatchResult:
     """Find π with ``apply(source, π) ≈ target`` (weight matching, DESIGN §3).
 
     Args:

@@ -1,4 +1,4 @@
-"""Head-aware matching of an attention group (TransFusion, DESIGN §3).
+"""Head-aware matching of an attention group (TransFusion; see docs/design.md, Matching).
 
 Blocks, with ``KV`` KV heads, ``G`` query heads per KV head, ``dh`` head dims and ``M``
 columns (the residual, already mapped through the current residual permutation):

@@ -1,4 +1,4 @@
-"""Weight matching by coordinate descent over permutation groups (git-re-basin, DESIGN §3).
+"""Weight matching by coordinate descent over permutation groups (git-re-basin; see docs/design.md, Matching).
 
 Objective, maximised over symmetries π of the spec:
 
@@ -36,7 +36,10 @@ State = Mapping[str, torch.Tensor]
 
 @dataclass
 class GroupStats:
-    """Per-group outcome: fraction of units moved, mean cosine of matched units before/after."""
+    """Per-group outcome: fraction of units moved, mean cosine of matched units before/after.
+
+    ``template`` and ``layer`` are the group's (see :class:`rebasin.specs.Group`).
+    """
 
     name: str
     kind: str
@@ -44,6 +47,8 @@ class GroupStats:
     moved: float
     cos_before: float
     cos_after: float
+    template: str = ""
+    layer: int | None = None
 
 
 @dataclass
@@ -96,7 +101,8 @@ class Timer:
             self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def objective(spec: Spec, a: State, b: State, perms: Mapping[str, torch.Tensor], names: list[str] | None = None) -> float:
+def objective(spec: Spec, a: State, b: State, perms: Mapping[str, torch.Tensor],
+              names: list[str] | None = None) -> float:
     """J(π) restricted to ``names`` (default: every permuted tensor), accumulated in float64."""
     total = 0.0
     for name in names if names is not None else spec.permuted_tensors():
@@ -185,7 +191,7 @@ def match_states(
     history: list[float] = []
 
     plain = [g for g in spec.groups.values() if not g.is_attention]
-    global_groups = [g.name for g in plain if "layers" not in g.name]
+    global_groups = [g.name for g in plain if g.layer is None]
     if init is None:
         placed: set[str] = set()
         for name in global_groups:
@@ -248,7 +254,8 @@ def match_states(
                 before = unit_cosines(spec, a, b, group.name, ident, ident[group.name].to(device))
                 after = unit_cosines(spec, a, b, group.name, perms, perms[group.name])
                 moved = moved_fraction(perms, group.name)
-            stats.append(GroupStats(group.name, group.kind, group.size, moved, before, after))
+            stats.append(GroupStats(group.name, group.kind, group.size, moved, before, after, group.template,
+                                    group.layer))
     return MatchResult({k: v.cpu() for k, v in perms.items()}, j_identity, history, sweep, converged, stats,
                        dict(timer.totals), solver)
 

@@ -1,4 +1,4 @@
-"""Shared types and plumbing of the solver registry: the result type, input checks, validation.
+"""Shared types and plumbing of the solver backends: the result type, the batch loop, checks.
 
 Every backend has the uniform signature
 
@@ -6,6 +6,7 @@ Every backend has the uniform signature
 
 with a *batched* (b, n, n) input that ``solve`` has already checked (square, finite, float);
 the backend returns a batched Assignment (perm (b, n), objective (b,)), ``solve`` squeezes it.
+Backends that solve one problem at a time do so through ``solve_each``.
 """
 from __future__ import annotations
 
@@ -57,10 +58,9 @@ class SolverSpec:
     fn: Callable[..., Assignment]
     exact: bool
     available: Callable[[], bool]
-    doc: str = ""
 
 
-def to_numpy(cost: Array, dtype=None) -> np.ndarray:
+def to_numpy(cost: Array, dtype: type | None = None) -> np.ndarray:
     """numpy view of ``cost`` (host), converted to ``dtype`` when given."""
     if isinstance(cost, torch.Tensor):
         t = cost.detach().cpu()
@@ -106,20 +106,50 @@ def make_result(
     )
 
 
-def finite_check(cost: Array) -> None:
+# one problem's answer from a backend's solve_one: perm (n,), gap bound (None: unknown), stats
+OneSolve = tuple[np.ndarray, float | None, dict[str, Any]]
+
+
+def per_key_lists(per_problem: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-problem stats as one list per key: [{"a": 1}, {"a": 2}] -> {"a": [1, 2]}."""
+    return {key: [st[key] for st in per_problem] for key in (per_problem[0] if per_problem else {})}
+
+
+def solve_each(
+    cost: Array,
+    method: str,
+    solve_one: Callable[[int], OneSolve],
+    *,
+    certified: bool,
+    trivial: dict[str, Any] | None = None,
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]] = per_key_lists,
+) -> Assignment:
+    """A backend's batch loop: solve every problem of the (b, n, n) ``cost``, stack, wrap.
+
+    ``solve_one(k)`` solves problem k (the backend has converted ``cost`` once, as it needs) and
+    returns (perm (n,) int, gap bound or None, per-problem stats); problems of n <= 1 are not
+    passed to it (perm = identity, gap 0, stats ``trivial``). The Assignment has perm (b, n),
+    gap = the largest over the batch (None when one is unknown), stats = ``summarize`` of the
+    per-problem stats.
+    """
+    b, n = cost.shape[0], cost.shape[1]
+    perm = np.empty((b, n), dtype=np.int64)
+    gaps: list[float | None] = []
+    per_problem: list[dict[str, Any]] = []
+    for k in range(b):
+        p, gap, st = solve_one(k) if n > 1 else (np.arange(n), 0.0, dict(trivial or {}))
+        perm[k] = p
+        gaps.append(gap)
+        per_problem.append(st)
+    gap = None if None in gaps else max(gaps, default=0.0)
+    return make_result(cost, perm, method, certified=certified, gap=gap, stats=summarize(per_problem))
+
+
+def finite_check(cost: torch.Tensor) -> None:
     """ValueError naming the first batch entry holding NaN/Inf (cost is (b, n, n))."""
-    if isinstance(cost, torch.Tensor):
-        if cost.numel() == 0 or bool(torch.isfinite(cost.sum())):
-            return  # NaN/Inf propagate into the sum; only an overflowing sum needs the full scan
-        bad = ~torch.isfinite(cost).flatten(1).all(dim=1)
-        if bool(bad.any()):
-            idx = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(f"cost matrix contains NaN/Inf (batch {idx})")
-    else:
-        c = np.asarray(cost)
-        if c.size == 0 or np.isfinite(c.sum(dtype=np.float64)):
-            return
-        bad = ~np.isfinite(c).reshape(c.shape[0], -1).all(axis=1)
-        if bad.any():
-            raise ValueError(f"cost matrix contains NaN/Inf (batch {int(np.flatnonzero(bad)[0])})")
+    if cost.numel() == 0 or bool(torch.isfinite(cost.sum())):
+        return  # NaN/Inf propagate into the sum; only an overflowing sum needs the full scan
+    bad = ~torch.isfinite(cost).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"cost matrix contains NaN/Inf (batch {int(torch.nonzero(bad)[0, 0])})")
 

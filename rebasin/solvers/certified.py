@@ -3,10 +3,10 @@
 Problem (minimisation; maximisation solves ``-C``):  min_perm sum_i C[i, perm[i]],
 with LP dual  max sum_i u_i + sum_j v_j  s.t.  u_i + v_j <= C_ij.
 
-Algorithm for one (n, n) cost (DESIGN §4):
+Algorithm for one (n, n) cost (docs/design.md, Certified sparse-exact):
 
 1. approximate duals (f, g): ``sinkhorn_iters`` log-domain Sinkhorn iterations
-   (``sinkhorn_backend.log_sinkhorn``, float32; the dispatch point for a GPU kernel), or with
+   (``rebasin_kernels.sinkhorn.log_sinkhorn``, float32; the Triton kernel on CUDA), or with
    ``sinkhorn_iters=0`` (the default) the plain reductions ``g_j = min_i C_ij``,
    ``f_i = min_j (C_ij - g_j)``. Measured on 2 CPU cores, n = 4096..8192: 3-10 Sinkhorn
    iterations cost 0.2-1.8 s and did not reduce the total (weak: same or 1 fewer certificate
@@ -36,15 +36,18 @@ dense scipy solve (stats["fallback"]).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from rebasin_kernels.sinkhorn import log_sinkhorn
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from rebasin.solvers._common import Array, Assignment, make_result
-from rebasin.solvers.sinkhorn_backend import default_eps, log_sinkhorn
+from rebasin.solvers._common import Array, Assignment, OneSolve, solve_each
+from rebasin.solvers.sinkhorn_backend import default_eps
 
 
 def _topk_edges(red: torch.Tensor, red_t: torch.Tensor | None, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,11 +118,6 @@ def _reduced_candidates(c32: torch.Tensor, k: int, chunk: int = 512
     return f, g, ei.cpu().numpy(), ej.cpu().numpy()
 
 
-def _dedupe(n: int, ei: np.ndarray, ej: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    key = np.unique(ei.astype(np.int64) * n + ej.astype(np.int64))
-    return key // n, key % n
-
-
 def sparse_assignment(n: int, ei: np.ndarray, ej: np.ndarray, w: np.ndarray) -> np.ndarray | None:
     """Min-cost perfect matching on edges (ei, ej, w) (deduplicated); perm or None if none exists."""
     shift = float(w.min()) if w.size else 0.0
@@ -174,82 +172,261 @@ def sparse_duals(
     return u, v, rounds
 
 
-def _check(
-    c: torch.Tensor, c32: torch.Tensor, perm: np.ndarray, u: np.ndarray, v: np.ndarray, tol: float, add: int, chunk: int
-) -> tuple[float, np.ndarray, np.ndarray, float, int]:
-    """Dense certificate over all n^2 edges.
+_PAIR_CAP = 16  # a suspect row with more near entries than this is recomputed whole in float64
 
-    Reduced cost R_ij = C_ij - u_i - v_j (C: the input values, float32 or float64).
 
-    Screening in float32 (``c32``, matched edges masked): with B = max|C| + max|u| + max|v|,
-    the float32 value differs from the exact R_ij by at most ~4 roundings of size 2^-24 * B
-    (C to float32, u and v to float32, two subtractions); any row whose float32 minimum is
-    below ``margin = tol + 8 * 2^-24 * B`` is a *suspect*: its entries below the margin (or, when
-    there are more than 16 of them, the whole row) are recomputed in float64 from ``c``.
-    Only float64 values decide: a row passes iff its float64 minimum is >= -tol.
+@dataclass
+class _Tally:
+    """Running result of the dense certificate over the rows checked so far.
 
-    Returns (min float64 reduced cost over suspects (0 if none), violating rows, their cols,
-    gap term ``-sum_i min(0, min_j R_ij)``, number of suspect rows).
+    rmin: the smallest float64 reduced cost seen (0.0 when none is negative); gap: the gap term
+    ``-sum_i min(0, min_j R_ij)``; rows, cols: the violating edges (R_ij < -tol), in pieces.
     """
-    n = c.shape[0]
-    dev = c.device
-    u64 = torch.from_numpy(u).to(dev)
-    v64 = torch.from_numpy(v).to(dev)
-    u32, v32 = u64.float(), v64.float()
-    pm = torch.from_numpy(perm).to(dev)
-    bound = float(np.abs(u).max(initial=0) + np.abs(v).max(initial=0)) + max(float(c32.amax()), -float(c32.amin()))
-    margin = tol + 8.0 * 2.0**-24 * bound
-    bad_rows: list[np.ndarray] = []
-    bad_cols: list[np.ndarray] = []
-    gap = 0.0
-    rmin_all = 0.0
-    dense_rows = []  # rows with too many near entries: recomputed whole in float64
-    pair_cap = 16
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        blk = torch.sub(c32[lo:hi], v32[None, :])
-        blk.sub_(u32[lo:hi, None])
-        blk[torch.arange(hi - lo, device=dev), pm[lo:hi]] = float("inf")
-        m = blk.amin(dim=1)
-        s = torch.nonzero(m < margin).flatten()
-        if not s.numel():
-            continue
-        near = blk[s] < margin
-        cnt = near.sum(dim=1)
-        few = cnt <= pair_cap
-        if bool((~few).any()):
-            dense_rows.append(s[~few] + lo)
-        if bool(few.any()):
-            rr, cc = torch.nonzero(near[few], as_tuple=True)
-            ri = s[few][rr] + lo
-            val = c[ri, cc].double() - u64[ri] - v64[cc]
-            # per-row float64 minimum over the near entries (all others are >= margin - err > -tol)
-            rowmin = torch.zeros(n, dtype=torch.float64, device=dev).scatter_reduce(0, ri, val, "amin", include_self=True)
-            gap += float((-rowmin).clamp(min=0).sum())
-            rmin_all = min(rmin_all, float(rowmin.min()))
-            bad = val < -tol
-            if bool(bad.any()):
-                bad_rows.append(ri[bad].cpu().numpy())
-                bad_cols.append(cc[bad].cpu().numpy())
-    rows = torch.cat(dense_rows) if dense_rows else torch.zeros(0, dtype=torch.int64, device=dev)
+
+    rmin: float = 0.0
+    gap: float = 0.0
+    rows: list[np.ndarray] = field(default_factory=list)
+    cols: list[np.ndarray] = field(default_factory=list)
+
+    def add_row_minima(self, m: torch.Tensor) -> None:
+        """Account float64 row minima of R, m (r,) (rows not examined may count as 0.0)."""
+        self.rmin = min(self.rmin, float(m.min()))
+        self.gap += float((-m).clamp(min=0).sum())
+
+    def add_violations(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Record violating edges: rows (e,), cols (e,) int64."""
+        self.rows.append(rows.cpu().numpy())
+        self.cols.append(cols.cpu().numpy())
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """All violating edges recorded: rows (e,), cols (e,) int64 numpy."""
+        if not self.rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(self.rows), np.concatenate(self.cols)
+
+
+def _screen(c32: torch.Tensor, pm: torch.Tensor, u32: torch.Tensor, v32: torch.Tensor, lo: int, hi: int,
+            margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 screening of rows lo..hi: which are suspects, and which of their entries are near.
+
+    c32 (n, n) float32 costs, pm (n,) int64 the matching, u32, v32 (n,) float32 duals.
+    R = C - u - v in float32 with the matched edges masked (+inf); a row is a suspect when its
+    minimum is below ``margin``. Returns (suspects (s,) int64 row indices, near (s, n) bool: R < margin).
+    """
+    blk = torch.sub(c32[lo:hi], v32[None, :])
+    blk.sub_(u32[lo:hi, None])
+    blk[torch.arange(hi - lo, device=blk.device), pm[lo:hi]] = float("inf")
+    s = torch.nonzero(blk.amin(dim=1) < margin).flatten()
+    return s + lo, blk[s] < margin
+
+
+def _recheck_entries(c: torch.Tensor, u64: torch.Tensor, v64: torch.Tensor, rows: torch.Tensor,
+                     near: torch.Tensor, tol: float, tally: _Tally) -> None:
+    """float64 recheck of the near entries of suspect rows into ``tally``.
+
+    c (n, n) the input costs; u64, v64 (n,) float64 duals; rows (s,) int64 suspect rows; near
+    (s, n) bool, their entries to recompute (every other entry is >= margin - error > -tol).
+    """
+    if not rows.numel():
+        return
+    rr, cc = torch.nonzero(near, as_tuple=True)
+    ri = rows[rr]
+    val = c[ri, cc].double() - u64[ri] - v64[cc]
+    zeros = torch.zeros(c.shape[0], dtype=torch.float64, device=c.device)
+    tally.add_row_minima(zeros.scatter_reduce(0, ri, val, "amin", include_self=True))
+    bad = val < -tol
+    if bool(bad.any()):
+        tally.add_violations(ri[bad], cc[bad])
+
+
+def _recheck_rows(c: torch.Tensor, u64: torch.Tensor, v64: torch.Tensor, rows: torch.Tensor, tol: float,
+                  add: int, chunk: int, tally: _Tally) -> None:
+    """float64 recheck of whole rows (those with too many near entries) into ``tally``.
+
+    c (n, n) the input costs; u64, v64 (n,) float64 duals; rows (r,) int64, ``chunk`` at a time.
+    The ``add`` (<= n) most negative entries of each violating row below -tol are its violations.
+    """
     for lo in range(0, rows.numel(), chunk):
         r = rows[lo:lo + chunk]
         blk = c[r].double()
         blk.sub_(v64[None, :]).sub_(u64[r, None])
         m = blk.amin(dim=1)
-        rmin_all = min(rmin_all, float(m.min()))
-        gap += float((-m).clamp(min=0).sum())
+        tally.add_row_minima(m)
         viol = torch.nonzero(m < -tol).flatten()
         if viol.numel():
-            kk = min(add, n)
-            vals, cols = torch.topk(blk[viol], kk, dim=1, largest=False, sorted=False)
+            vals, cols = torch.topk(blk[viol], add, dim=1, largest=False, sorted=False)
             ok = vals < -tol
-            rr = r[viol][:, None].expand(-1, kk)
-            bad_rows.append(rr[ok].cpu().numpy())
-            bad_cols.append(cols[ok].cpu().numpy())
-    br = np.concatenate(bad_rows) if bad_rows else np.zeros(0, dtype=np.int64)
-    bc = np.concatenate(bad_cols) if bad_cols else np.zeros(0, dtype=np.int64)
-    return rmin_all, br, bc, gap, int(rows.numel())
+            tally.add_violations(r[viol][:, None].expand(-1, add)[ok], cols[ok])
+
+
+def _check(
+    c: torch.Tensor, c32: torch.Tensor, perm: np.ndarray, u: np.ndarray, v: np.ndarray, tol: float, add: int, chunk: int
+) -> tuple[float, np.ndarray, np.ndarray, float, int]:
+    """Dense certificate over all n^2 edges.
+
+    Reduced cost R_ij = C_ij - u_i - v_j (c: the (n, n) input values, float32 or float64; c32:
+    the same in float32; perm (n,) the matching; u, v (n,) float64 duals).
+
+    Screening in float32 (matched edges masked): with B = max|C| + max|u| + max|v|, the float32
+    value differs from the exact R_ij by at most ~4 roundings of size 2^-24 * B (C to float32,
+    u and v to float32, two subtractions); any row whose float32 minimum is below
+    ``margin = tol + 8 * 2^-24 * B`` is a *suspect*: its entries below the margin (or, when
+    there are more than _PAIR_CAP of them, the whole row) are recomputed in float64 from ``c``.
+    Only float64 values decide: a row passes iff its float64 minimum is >= -tol.
+
+    Returns (min float64 reduced cost over suspects (0 if none), violating rows (e,), their
+    cols (e,), gap term ``-sum_i min(0, min_j R_ij)``, number of rows recomputed whole).
+    """
+    n = c.shape[0]
+    dev = c.device
+    u64, v64 = torch.from_numpy(u).to(dev), torch.from_numpy(v).to(dev)
+    u32, v32 = u64.float(), v64.float()
+    pm = torch.from_numpy(perm).to(dev)
+    bound = float(np.abs(u).max(initial=0) + np.abs(v).max(initial=0)) + max(float(c32.amax()), -float(c32.amin()))
+    margin = tol + 8.0 * 2.0**-24 * bound
+    tally = _Tally()
+    whole = [torch.zeros(0, dtype=torch.int64, device=dev)]
+    for lo in range(0, n, chunk):
+        rows, near = _screen(c32, pm, u32, v32, lo, min(n, lo + chunk), margin)
+        if not rows.numel():
+            continue
+        few = near.sum(dim=1) <= _PAIR_CAP
+        whole.append(rows[~few])
+        _recheck_entries(c, u64, v64, rows[few], near[few], tol, tally)
+    rows = torch.cat(whole)
+    _recheck_rows(c, u64, v64, rows, tol, min(add, n), chunk, tally)
+    br, bc = tally.edges()
+    return tally.rmin, br, bc, tally.gap, int(rows.numel())
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The candidate edge set E of one problem: rows ei, cols ej (m,) int64, deduplicated, and
+    their float64 costs w (m,) read from ``c`` (n, n), the costs to minimise."""
+
+    c: torch.Tensor
+    ei: np.ndarray
+    ej: np.ndarray
+    w: np.ndarray
+
+    @classmethod
+    def of(cls, c: torch.Tensor, ei: np.ndarray, ej: np.ndarray) -> _Candidates:
+        """E from edge lists (m,) that may repeat edges."""
+        n = c.shape[0]
+        key = np.unique(ei.astype(np.int64) * n + ej.astype(np.int64))
+        ei, ej = key // n, key % n
+        ti, tj = torch.from_numpy(ei).to(c.device), torch.from_numpy(ej).to(c.device)
+        return cls(c, ei, ej, c[ti, tj].double().cpu().numpy())
+
+    def plus(self, ei: np.ndarray, ej: np.ndarray) -> _Candidates:
+        """E with the edges (ei, ej) (e,) added."""
+        return _Candidates.of(self.c, np.r_[self.ei, ei], np.r_[self.ej, ej])
+
+
+def _minimisation_costs(cost: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, n) costs to minimise: c (float32, or float64 when given so; contiguous) and c in float32."""
+    c = cost.detach()
+    if c.dtype not in (torch.float32, torch.float64):
+        c = c.float()
+    c = (-c if maximize else c).contiguous()
+    return c, c.float()
+
+
+def _initial_candidates(c32: torch.Tensor, k: int, sinkhorn_iters: int, eps: float, jitter: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Steps 1-2 on the (n, n) float32 costs ``c32``: approximate duals and candidate edges.
+
+    Returns f (n,), g (n,) float32 duals; rows, cols (m,) int64 of the k smallest reduced costs
+    of every row and every column (edges may repeat); stats (sinkhorn_iters, eps, t_sinkhorn).
+    """
+    t0 = time.perf_counter()
+    if sinkhorn_iters <= 0 and jitter <= 0:
+        f, g, ei, ej = _reduced_candidates(c32, k)
+        return f, g, ei, ej, {"sinkhorn_iters": 0, "eps": eps, "t_sinkhorn": 0.0}
+    if sinkhorn_iters > 0:
+        f, g, it = log_sinkhorn(c32, eps, sinkhorn_iters, 0.0)
+    else:
+        g = c32.amin(dim=0)
+        f = (c32 - g[None, :]).amin(dim=1)
+        it = 0
+    stats = {"sinkhorn_iters": it, "eps": eps, "t_sinkhorn": time.perf_counter() - t0}
+    red, red_t = _reduced(c32, f, g, jitter * eps)
+    ei, ej = _topk_edges(red, red_t, k)
+    return f, g, ei, ej, stats
+
+
+def _sparse_optimum(cand: _Candidates, c32: torch.Tensor, f: torch.Tensor, g: torch.Tensor, k: int, delta: float
+                    ) -> tuple[np.ndarray, _Candidates, int]:
+    """Step 3: the optimal matching on E, widening E until it holds a perfect matching.
+
+    Widening doubles k and adds the k smallest jittered reduced costs ``C - f - g`` (c32 (n, n),
+    f, g (n,)) of every row and column. Returns (perm (n,) int64, the candidates, final k).
+    """
+    n = c32.shape[0]
+    perm = sparse_assignment(n, cand.ei, cand.ej, cand.w)
+    while perm is None:
+        k *= 2
+        red, red_t = _reduced(c32, f, g, delta, seed=k)
+        cand = cand.plus(*_topk_edges(red, red_t, k))
+        perm = sparse_assignment(n, cand.ei, cand.ej, cand.w)
+        if k >= n and perm is None:
+            raise RuntimeError("no perfect matching on the full edge set (cannot happen)")
+    return perm, cand, k
+
+
+def _stalled(rounds: list[dict[str, Any]], n: int) -> bool:
+    """Degenerate duals (massive ties, structured costs): many violating rows and fewer than half
+    of them gone since the previous round — the loop converges too slowly."""
+    if len(rounds) < 2:
+        return False
+    vr = rounds[-1]["violating_rows"]
+    return vr > max(64, n // 16) and vr > 0.5 * rounds[-2]["violating_rows"]
+
+
+def _certificate_loop(
+    c: torch.Tensor, c32: torch.Tensor, f: torch.Tensor, g: torch.Tensor, cand: _Candidates, *,
+    k: int, delta: float, max_rounds: int, add_per_row: int, tol: float, chunk: int,
+) -> tuple[np.ndarray | None, float, dict[str, Any]]:
+    """Steps 3-5, repeated: sparse optimum, its exact duals, the dense check; violations join E.
+
+    c (n, n) costs to minimise, c32 the same in float32, f, g (n,) float32 approximate duals.
+    Returns (perm (n,) int64 certified up to ``gap``, or None when the loop stalled or ran out of
+    rounds; gap; stats).
+    """
+    n = c.shape[0]
+    v = g.double().cpu().numpy()
+    rounds: list[dict[str, Any]] = []
+    t_sparse = t_duals = t_check = 0.0
+    perm, gap = None, 0.0
+    for rnd in range(1, max_rounds + 1):
+        ta = time.perf_counter()
+        perm, cand, k = _sparse_optimum(cand, c32, f, g, k, delta)
+        tb = time.perf_counter()
+        u, v, bf_rounds = sparse_duals(n, cand.ei, cand.ej, cand.w, perm, v, max_rounds=4 * n + 10)
+        tc = time.perf_counter()
+        # escalate: degenerate (tied, structured) problems need many edges; double the number of
+        # edges added per violating row every round (4, 8, 16, ... up to 128)
+        rmin, br, bc, gap, n_whole = _check(c, c32, perm, u, v, tol, min(128, add_per_row << (rnd - 1)), chunk)
+        t_sparse, t_duals, t_check = t_sparse + tb - ta, t_duals + tc - tb, t_check + time.perf_counter() - tc
+        rounds.append({"edges": int(cand.ei.size), "bf_rounds": bf_rounds, "min_reduced": rmin,
+                       "violations": int(br.size), "violating_rows": int(np.unique(br).size),
+                       "suspect_rows": n_whole})
+        if br.size == 0 or _stalled(rounds, n):
+            break
+        cand = cand.plus(br, bc)
+    stats = {"rounds": len(rounds), "round_info": rounds, "t_sparse": t_sparse, "t_duals": t_duals,
+             "t_check": t_check, "k_final": k}
+    certified = bool(rounds) and rounds[-1]["violations"] == 0
+    return (perm if certified else None), gap, stats
+
+
+def _dense_solve(c: torch.Tensor) -> np.ndarray:
+    """Exact dense solve of the (n, n) costs to minimise ``c``: perm (n,) int64.
+
+    scipy, not lapx: on the degenerate/structured costs that reach this point lapx's JV was
+    measured up to 6x slower than scipy (adversarial, n=2048).
+    """
+    return np.asarray(linear_sum_assignment(c.double().cpu().numpy())[1], dtype=np.int64)
 
 
 def certified_one(
@@ -265,133 +442,54 @@ def certified_one(
     jitter: float = 0.0,
     chunk: int | None = None,
 ) -> tuple[np.ndarray, bool, float, dict]:
-    """Solve one (n, n) problem; returns (perm, certified, gap, stats)."""
-    n = cost.shape[0]
-    stats: dict = {"n": n}
-    t0 = time.perf_counter()
-    c = cost.detach()
-    if c.dtype not in (torch.float32, torch.float64):
-        c = c.float()
-    if maximize:
-        c = -c
-    c = c.contiguous()
-    is64 = c.dtype == torch.float64
-    c32 = c if not is64 else c.float()
-    if chunk is None:
-        chunk = max(8, min(4096, (1 << 22) // max(n, 1)))
-    scale = max(float(c.amax()), -float(c.amin()))
-    scale = scale if scale > 0 else 1.0
-    tol = tol_rel * scale
+    """Solve one (n, n) problem; returns (perm (n,) int64, certified, gap, stats).
 
-    # 1. Sinkhorn duals (or plain row/column reductions) and 2. candidates
+    The steps of the module docstring; when the certificate loop does not certify, the dense
+    scipy solve (stats["fallback"]).
+    """
+    t0 = time.perf_counter()
+    n = cost.shape[0]
+    c, c32 = _minimisation_costs(cost, maximize)
     eps = default_eps(c32, eps_rel)
-    if sinkhorn_iters > 0 or jitter > 0:
-        if sinkhorn_iters > 0:
-            f, g, it = log_sinkhorn(c32, eps, sinkhorn_iters)
-        else:
-            g = c32.amin(dim=0)
-            f = (c32 - g[None, :]).amin(dim=1)
-            it = 0
-        t1 = time.perf_counter()
-        red, red_t = _reduced(c32, f, g, jitter * eps)
-        ei, ej = _topk_edges(red, red_t, k)
-        del red, red_t
-    else:
-        it = 0
-        t1 = time.perf_counter()
-        f, g, ei, ej = _reduced_candidates(c32, k)
-    stats["sinkhorn_iters"] = it
-    stats["eps"] = eps
-    stats["t_sinkhorn"] = t1 - t0
+    f, g, ei, ej, step1 = _initial_candidates(c32, k, sinkhorn_iters, eps, jitter)
     # the identity's edges guarantee a perfect matching exists inside the candidate set
     # (heavily tied costs can concentrate every row's top-k on a few columns); if the sparse
     # optimum uses a poor identity edge, the certificate finds the better edges next round.
     ar = np.arange(n)
-    ei, ej = _dedupe(n, np.r_[ei, ar], np.r_[ej, ar])
-    stats["t_candidates"] = time.perf_counter() - t1
-
-    def weights(ei: np.ndarray, ej: np.ndarray) -> np.ndarray:
-        ti = torch.from_numpy(ei).to(c.device)
-        tj = torch.from_numpy(ej).to(c.device)
-        return c[ti, tj].double().cpu().numpy()
-
-    w = weights(ei, ej)
-    v = g.double().cpu().numpy()
-    rounds_info = []
-    perm = None
-    certified = False
-    gap = None
-    t_sparse = t_duals = t_check = 0.0
-    kk = k
-    for rnd in range(1, max_rounds + 1):
-        ta = time.perf_counter()
-        perm = sparse_assignment(n, ei, ej, w)
-        while perm is None:  # no perfect matching among candidates: widen
-            kk *= 2
-            red, red_t = _reduced(c32, f, g, max(jitter, 1e-2) * eps, seed=kk)
-            ai, aj = _topk_edges(red, red_t, kk)
-            ei, ej = _dedupe(n, np.r_[ei, ai], np.r_[ej, aj])
-            w = weights(ei, ej)
-            perm = sparse_assignment(n, ei, ej, w)
-            if kk >= n and perm is None:
-                raise RuntimeError("no perfect matching on the full edge set (cannot happen)")
-        tb = time.perf_counter()
-        u, v, bf_rounds = sparse_duals(n, ei, ej, w, perm, v, max_rounds=4 * n + 10)
-        tc = time.perf_counter()
-        # escalate: degenerate (tied, structured) problems need many edges; double the number of
-        # edges added per violating row every round (4, 8, 16, ... up to 128)
-        add = min(128, add_per_row << (rnd - 1))
-        rmin, br, bc, gap_term, n_susp = _check(c, c32, perm, u, v, tol, add, chunk)
-        td = time.perf_counter()
-        t_sparse += tb - ta
-        t_duals += tc - tb
-        t_check += td - tc
-        rounds_info.append({"edges": int(ei.size), "bf_rounds": bf_rounds, "min_reduced": rmin,
-                            "violations": int(br.size),
-                            "violating_rows": int(np.unique(br).size), "suspect_rows": n_susp})
-        if br.size == 0:
-            certified = True
-            gap = gap_term
-            break
-        vr = rounds_info[-1]["violating_rows"]
-        if rnd >= 2 and vr > max(64, n // 16) and vr > 0.5 * rounds_info[-2]["violating_rows"]:
-            # degenerate duals (massive ties, structured costs): the loop converges too slowly
-            break
-        ei, ej = _dedupe(n, np.r_[ei, br], np.r_[ej, bc])
-        w = weights(ei, ej)
-    stats.update(rounds=len(rounds_info), round_info=rounds_info, t_sparse=t_sparse, t_duals=t_duals,
-                 t_check=t_check, k_final=kk)
-    if not certified:
-        cc = c.double().cpu().numpy()
-        # scipy, not lapx: on the degenerate/structured costs that reach this point lapx's JV
-        # was measured up to 6x slower than scipy (adversarial, n=2048)
-        _, perm = linear_sum_assignment(cc)
+    cand = _Candidates.of(c, np.r_[ei, ar], np.r_[ej, ar])
+    stats: dict[str, Any] = {"n": n, **step1, "t_candidates": time.perf_counter() - t0 - step1["t_sinkhorn"]}
+    scale = max(float(c.amax()), -float(c.amin()))
+    if chunk is None:
+        chunk = max(8, min(4096, (1 << 22) // max(n, 1)))
+    perm, gap, loop_stats = _certificate_loop(
+        c, c32, f, g, cand, k=k, delta=max(jitter, 1e-2) * eps, max_rounds=max_rounds, add_per_row=add_per_row,
+        tol=tol_rel * (scale if scale > 0 else 1.0), chunk=chunk)
+    stats.update(loop_stats)
+    if perm is None:
+        perm, gap = _dense_solve(c), 0.0
         stats["fallback"] = "scipy dense: certificate loop not converging"
-        perm = np.asarray(perm, dtype=np.int64)
-        certified, gap = True, 0.0
     stats["t_total"] = time.perf_counter() - t0
-    return perm, certified, gap, stats
+    return perm, True, gap, stats
+
+
+def _batch_stats(per_problem: list[dict[str, Any]]) -> dict[str, Any]:
+    """One problem's stats as they are; a batch's as {"problems": [...], "rounds": the most rounds}."""
+    if len(per_problem) == 1:
+        return per_problem[0]
+    return {"problems": per_problem, "rounds": max((s.get("rounds", 0) for s in per_problem), default=0)}
 
 
 def solve_certified(cost: Array, maximize: bool = True, **opts) -> Assignment:
     """Certified-exact solve of each (n, n) slice of a (b, n, n) cost; perm (b, n).
 
     Options (see ``certified_one``): k, sinkhorn_iters, eps_rel, max_rounds, add_per_row,
-    tol_rel, chunk. Works on CPU and CUDA tensors (dense passes run on the tensor's device).
+    tol_rel, jitter, chunk. Works on CPU and CUDA tensors (dense passes run on the tensor's device).
     """
-    t = cost if isinstance(cost, torch.Tensor) else torch.from_numpy(np.asarray(cost))
-    b, n = t.shape[0], t.shape[1]
-    perm = np.empty((b, n), dtype=np.int64)
-    all_stats, gaps = [], []
-    for i in range(b):
-        if n <= 1:
-            perm[i] = np.arange(n)
-            gaps.append(0.0)
-            all_stats.append({"n": n, "rounds": 0})
-            continue
-        p, _, gp, st = certified_one(t[i], maximize, **opts)
-        perm[i] = p
-        gaps.append(gp)
-        all_stats.append(st)
-    stats = all_stats[0] if b == 1 else {"problems": all_stats, "rounds": max((s.get("rounds", 0) for s in all_stats), default=0)}
-    return make_result(cost, perm, "certified", certified=True, gap=max(gaps, default=0.0), stats=stats)
+    t = torch.as_tensor(cost)
+
+    def one(i: int) -> OneSolve:
+        perm, _, gap, stats = certified_one(t[i], maximize, **opts)
+        return perm, gap, stats
+
+    return solve_each(cost, "certified", one, certified=True, trivial={"n": t.shape[1], "rounds": 0},
+                      summarize=_batch_stats)

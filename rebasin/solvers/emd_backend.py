@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from rebasin.solvers._common import Array, Assignment, SolverUnavailable, make_result, to_numpy
+from rebasin.solvers._common import Array, Assignment, OneSolve, SolverUnavailable, solve_each, to_numpy
 
 
 @functools.cache
@@ -88,24 +88,18 @@ def solve_emd(cost: Array, maximize: bool = True, *, num_iter_max: int = 10_000_
     c_all = to_numpy(cost, np.float64)
     if maximize:
         c_all = -c_all
-    b, n = c_all.shape[0], c_all.shape[1]
-    perm = np.empty((b, n), dtype=np.int64)
-    roundings = []
-    ones = np.full(n, 1.0 / n, dtype=np.float64)  # uniform marginals (POT wants the simplex)
-    for k in range(b):
+    n = c_all.shape[1]
+    ones = np.full(n, 1.0 / max(n, 1), dtype=np.float64)  # uniform marginals (POT wants the simplex)
+
+    def one(k: int) -> OneSolve:
         c = np.ascontiguousarray(c_all[k])
-        if n <= 1:
-            perm[k] = np.arange(n)
-            roundings.append("trivial")
-            continue
         with warnings.catch_warnings():  # POT warns and reports the same thing in log["warning"]
             warnings.simplefilter("ignore", UserWarning)
             plan, log = emd(ones, ones, c, numItermax=num_iter_max, log=True)
         if log.get("warning"):
             # not converged (iteration cap): the plan is not proven optimal; solve exactly instead
-            _, perm[k] = linear_sum_assignment(c)
-            how = f"scipy (emd: {log['warning']})"
-        else:
-            perm[k], how = _plan_to_perm(np.asarray(plan), c)
-        roundings.append(how)
-    return make_result(cost, perm, "emd", certified=True, gap=0.0, stats={"rounding": roundings})
+            return linear_sum_assignment(c)[1], 0.0, {"rounding": f"scipy (emd: {log['warning']})"}
+        perm, how = _plan_to_perm(np.asarray(plan), c)
+        return perm, 0.0, {"rounding": how}
+
+    return solve_each(cost, "emd", one, certified=True, trivial={"rounding": "trivial"})

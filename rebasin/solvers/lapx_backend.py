@@ -16,7 +16,7 @@ import importlib.util
 
 import numpy as np
 
-from rebasin.solvers._common import Array, Assignment, SolverUnavailable, make_result, to_numpy
+from rebasin.solvers._common import Array, Assignment, OneSolve, SolverUnavailable, solve_each, to_numpy
 
 LOOP_MAX_N = 256
 
@@ -46,20 +46,18 @@ def solve_lapx(cost: Array, maximize: bool = True, *, precision: str = "float64"
     c = to_numpy(cost)  # one fused cast (+ negation) pass: the copy costs ~10% of small solves
     c = np.ascontiguousarray(np.negative(c, dtype=dtype) if maximize else np.array(c, dtype=dtype))
     b, n = c.shape[0], c.shape[1]
-    perm = np.empty((b, n), dtype=np.int64)
     f32 = precision == "float32"
-    if n == 0:
-        pass
-    elif n == 1:
-        perm[:] = 0
-    elif b == 1 or n <= LOOP_MAX_N:
-        for k in range(b):
-            _, x, _ = lap.lapjvs(c[k], extend_cost=False, jvx_like=False, prefer_float32=f32)
-            perm[k] = x
-    else:
+    gap = None if f32 else 0.0
+    if b > 1 and n > LOOP_MAX_N:
         _, rows_list, cols_list = lap.lapjvs_batch(c, extend_cost=False, n_threads=n_threads, prefer_float32=f32)
-        for k in range(b):
-            perm[k, np.asarray(rows_list[k])] = np.asarray(cols_list[k])
-    exact = not f32
-    return make_result(cost, perm, "lapx", certified=exact, gap=0.0 if exact else None,
-                       stats={"precision": precision, "calls": b})
+
+        def one(k: int) -> OneSolve:
+            perm = np.empty(n, dtype=np.int64)
+            perm[np.asarray(rows_list[k])] = np.asarray(cols_list[k])
+            return perm, gap, {}
+    else:
+        def one(k: int) -> OneSolve:
+            return lap.lapjvs(c[k], extend_cost=False, jvx_like=False, prefer_float32=f32)[1], gap, {}
+
+    return solve_each(cost, "lapx", one, certified=not f32,
+                      summarize=lambda per: {"precision": precision, "calls": len(per)})

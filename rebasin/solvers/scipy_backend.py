@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from rebasin.solvers._common import Array, Assignment, make_result, to_numpy
+from rebasin.solvers._common import Array, Assignment, OneSolve, solve_each, to_numpy
 
 
 def solve_scipy(cost: Array, maximize: bool = True, **opts) -> Assignment:
@@ -18,9 +18,8 @@ def solve_scipy(cost: Array, maximize: bool = True, **opts) -> Assignment:
     c = to_numpy(cost)
     if c.dtype not in (np.float32, np.float64):
         c = c.astype(np.float64)
-    b, n = c.shape[0], c.shape[1]
-    perm = np.empty((b, n), dtype=np.int64)
-    for k in range(b):
-        _, cols = linear_sum_assignment(c[k], maximize=maximize)
-        perm[k] = cols
-    return make_result(cost, perm, "scipy", certified=True, gap=0.0, stats={"calls": b})
+
+    def one(k: int) -> OneSolve:
+        return linear_sum_assignment(c[k], maximize=maximize)[1], 0.0, {}
+
+    return solve_each(cost, "scipy", one, certified=True, summarize=lambda per: {"calls": len(per)})

@@ -17,18 +17,23 @@ Axis entries:
 
 Pattern syntax: literal tensor names where ``{L}`` (any ``{NAME}``) matches a decimal index
 and ``(text)?`` marks an optional part (e.g. the ``bert.`` prefix of task-head models).
+
+Group templates: a group whose template has placeholders (``layers.{L}.ffn``) exists once per
+layer; one without (``residual``, ``embed``) is global. Resolution records both on each
+:class:`Group` (``template``, ``layer``) so nothing downstream parses group names.
 """
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rebasin.errors import ArchitectureError
 
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv", "qk_dim")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 @dataclass(frozen=True)
@@ -36,14 +41,27 @@ class Group:
     """One permutation group of a resolved spec.
 
     Plain groups permute ``size`` units. Attention groups are structured
-    (DESIGN §2): KV heads move as blocks carrying their ``n_heads // n_kv_heads`` query
-    heads; query heads may permute inside their group; within-head Q/K dims and V/O dims
-    permute per KV head (shared with its query heads). With ``rope`` the Q/K within-head
-    permutation is fixed to the identity (a permutation breaking RoPE frequency pairs is
-    not a symmetry); with ``qk_shared`` it must be the same for every KV head.
+    (see docs/design.md, Symmetries): KV heads move as blocks carrying their
+    ``n_heads // n_kv_heads`` query heads; query heads may permute inside their group;
+    within-head Q/K dims and V/O dims permute per KV head (shared with its query heads).
+    With ``rope`` the Q/K within-head permutation is fixed to the identity (a permutation
+    breaking RoPE frequency pairs is not a symmetry); with ``qk_shared`` it must be the
+    same for every KV head.
+
+    Attributes:
+        name: concrete name, e.g. ``layers.3.ffn`` or ``residual``.
+        template: the family file's group key it came from, e.g. ``layers.{L}.ffn``
+            (``layers.{G}.{L}.ffn`` for ALBERT's shared layers); equal to ``name`` for a
+            global group.
+        layer: depth index of the stored layer the group belongs to, None for a global
+            group. With one placeholder it is that index (``layers.3.ffn`` -> 3); with
+            several (ALBERT ``layers.{G}.{L}``) the indices are flattened in order,
+            ``G * n_L + L`` with ``n_L`` stored layers per layer group.
     """
 
     name: str
+    template: str
+    layer: int | None
     kind: str = "plain"
     size: int = 0
     n_heads: int = 0
@@ -82,9 +100,10 @@ class Spec:
 
     Attributes:
         family: family name (``llama``, ``bert``, ...).
-        groups: name -> Group, in a stable order (residual groups first).
+        groups: name -> Group, in a stable order: global groups first, then per-layer groups by depth.
         axes: tensor name -> one entry per axis (AxisRef, or None for an invariant axis).
         shapes: tensor name -> shape.
+        sizes: the family's named sizes (``d_model``, ...) evaluated on the config.
     """
 
     family: str
@@ -110,7 +129,6 @@ class FamilySpec:
 
     name: str
     model_types: tuple[str, ...]
-    description: str
     sizes: dict[str, str]
     groups: dict[str, dict[str, Any]]
     tensor_table: tuple[tuple[str, tuple[str, ...]], ...]
@@ -118,27 +136,41 @@ class FamilySpec:
     source: Path
 
     @classmethod
-    def from_file(cls, path: Path) -> FamilySpec:
-        """Parse a family file, merging its ``inherits`` parent (child entries win)."""
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    def from_file(cls, path: str | Path, *, _children: tuple[Path, ...] = ()) -> FamilySpec:
+        """Parse a family file, merging the family it ``inherits`` (child entries win).
+
+        The parent is ``<parent name>.toml`` in the same directory as ``path``. On a key both
+        define (a size, a group, a tensor pattern, an architecture override) the child's
+        entry replaces the parent's; the child's new tensor patterns are tried first.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ArchitectureError("family file not found", file=path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ArchitectureError(f"cannot read family file: {exc}", file=path) from None
+        sizes: dict[str, str] = dict(data.get("sizes", {}))
+        groups: dict[str, dict[str, Any]] = dict(data.get("groups", {}))
+        tensors: dict[str, list[str]] = dict(data.get("tensors", {}))
+        architectures = {k: dict(v.get("tensors", {})) for k, v in data.get("architectures", {}).items()}
         parent_name = data.get("inherits")
         if parent_name:
-            parent = cls.from_file(path.parent / f"{parent_name}.toml")
-            sizes = {**parent.sizes, **data.get("sizes", {})}
-            groups = {**parent.groups, **data.get("groups", {})}
-            tensors = {**data.get("tensors", {}), **dict(parent.tensor_table)}
-            architectures = {**parent.architectures, **data.get("architectures", {})}
-        else:
-            sizes, groups = data.get("sizes", {}), data.get("groups", {})
-            tensors, architectures = data.get("tensors", {}), data.get("architectures", {})
+            if path.resolve() in _children:
+                raise ArchitectureError(f"family files inherit in a cycle through '{parent_name}'", file=path)
+            parent = cls.from_file(path.parent / f"{parent_name}.toml", _children=(*_children, path.resolve()))
+            sizes = {**parent.sizes, **sizes}
+            groups = {**parent.groups, **groups}
+            tensors.update((k, list(v)) for k, v in parent.tensor_table if k not in tensors)
+            architectures = {arch: {**parent.architectures.get(arch, {}), **architectures.get(arch, {})}
+                             for arch in {**parent.architectures, **architectures}}
         return cls(
             name=data["family"],
             model_types=tuple(data.get("model_types", [data["family"]])),
-            description=data.get("description", ""),
-            sizes=dict(sizes),
-            groups=dict(groups),
+            sizes=sizes,
+            groups=groups,
             tensor_table=tuple((k, tuple(v)) for k, v in tensors.items()),
-            architectures={k: dict(v.get("tensors", {})) for k, v in architectures.items()},
+            architectures=architectures,
             source=path,
         )
 
@@ -157,11 +189,13 @@ class FamilySpec:
     def resolve(self, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], *, where: object = None) -> Spec:
         """Resolve against a checkpoint: every tensor must match exactly one pattern.
 
-        Raises ArchitectureError naming the tensor (and ``where``, the file) for an
-        unknown tensor, a wrong number of axes, or an axis whose size does not match.
+        Each group gets its ``template`` and ``layer`` here (see :class:`Group`). Raises
+        ArchitectureError naming the tensor (and ``where``, the file) for an unknown tensor,
+        a wrong number of axes, or an axis whose size does not match.
         """
         sizes = self.resolve_sizes(config)
-        groups: dict[str, Group] = {}
+        declared: dict[str, Group] = {}  # template -> its group, named after the template, no layer yet
+        found: dict[str, tuple[str, tuple[int, ...]]] = {}  # group name -> (template, placeholder values)
         axes: dict[str, tuple[AxisRef | None, ...]] = {}
         patterns = self.tensor_patterns(config)
         for name, shape in shapes.items():
@@ -187,8 +221,9 @@ class FamilySpec:
                     continue
                 template, _, role = entry.partition(":")
                 gname = template.format(**idx)
-                group = groups.get(gname) or self._make_group(gname, template, sizes)
-                groups[gname] = group
+                group = declared.get(template) or self._make_group(template, sizes)
+                declared[template] = group
+                found.setdefault(gname, (template, tuple(int(idx[k]) for k in _PLACEHOLDER.findall(template))))
                 if group.is_attention and role not in ATTENTION_ROLES:
                     raise ArchitectureError(f"spec error in {self.source.name}: attention group '{gname}' needs a "
                                             f"role from {ATTENTION_ROLES}, got '{entry}'")
@@ -199,10 +234,14 @@ class FamilySpec:
                         f"(from config.json)", file=where, tensor=name)
                 refs.append(AxisRef(gname, role))
             axes[name] = tuple(refs)
-        ordered = dict(sorted(groups.items(), key=lambda kv: _group_order(kv[0])))
+        layers = _layer_indices(found)
+        groups = [replace(declared[template], name=gname, layer=layers[gname])
+                  for gname, (template, _) in found.items()]
+        ordered = {g.name: g for g in sorted(groups, key=_group_order)}
         return Spec(self.name, ordered, axes, dict(shapes), sizes)
 
-    def _make_group(self, name: str, template: str, sizes: dict[str, int]) -> Group:
+    def _make_group(self, template: str, sizes: dict[str, int]) -> Group:
+        """The group a template declares, named after the template and not yet given a layer."""
         if template not in self.groups:
             raise ArchitectureError(f"spec error in {self.source.name}: group '{template}' is not declared")
         g = self.groups[template]
@@ -215,14 +254,32 @@ class FamilySpec:
             n_heads, n_kv, d_head = size("n_heads"), size("n_kv_heads"), size("d_head")
             if n_heads % n_kv:
                 raise ArchitectureError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
-            return Group(name, "attention", n_heads * d_head, n_heads, n_kv, d_head,
-                         bool(g.get("rope", False)), bool(g.get("qk_shared", False)))
-        return Group(name, "plain", size("size"))
+            return Group(template, template, None, kind="attention", size=n_heads * d_head, n_heads=n_heads,
+                         n_kv_heads=n_kv, d_head=d_head, rope=bool(g.get("rope", False)),
+                         qk_shared=bool(g.get("qk_shared", False)))
+        return Group(template, template, None, kind="plain", size=size("size"))
 
 
-def _group_order(name: str) -> tuple[int, list[Any]]:
-    parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-    return (0 if "layers" not in name else 1, parts)
+def _layer_indices(found: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, int | None]:
+    """Group name -> layer: None without placeholders, else the placeholder values of its
+    template flattened in mixed radix (each radix: 1 + the largest value seen for it)."""
+    radix: dict[str, list[int]] = {}
+    for template, values in found.values():
+        r = radix.setdefault(template, [0] * len(values))
+        for i, v in enumerate(values):
+            r[i] = max(r[i], v + 1)
+    layers: dict[str, int | None] = {}
+    for gname, (template, values) in found.items():
+        layer = None
+        for v, n in zip(values, radix[template], strict=True):
+            layer = (layer or 0) * n + v
+        layers[gname] = layer
+    return layers
+
+
+def _group_order(group: Group) -> tuple[bool, str, int, str]:
+    """Global groups first (by name), then per-layer groups by template stem, depth and name."""
+    return (group.layer is not None, group.template.split("{", 1)[0], group.layer or 0, group.name)
 
 
 def compile_pattern(pattern: str) -> re.Pattern[str]:

@@ -1,0 +1,405 @@
+"""Data-free calibration of the task-vector scale α, and the transferability verdict.
+
+The candidate written by a transfer is ``C(α) = B + α·π(τ)`` with ``τ = A_ft − A`` (π = identity
+in diff mode). Without data, the best stand-in for "does C(α) do the fine-tune's job" is "does
+C(α) behave like A_ft": calibration minimises the divergence
+
+    D(α) = E_x [ KL( A_ft(x) ‖ C(α)(x) ) ]
+
+over probe inputs x (see :mod:`rebasin.probes`) — KL between output distributions for models
+with logits, normalised mean squared error of the output features for headless models.
+D(0) is B's own divergence, so the chosen α never leaves the output further from the
+fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
+
+* ``auto``: D on a grid of α (extended upward while it still falls at the top), then
+  golden-section refinement around the best grid point.
+* ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
+  layers), fitted by Adam on the same D, regularised toward the global α; kept only if it
+  also lowers D on held-out probes. Only the α's are fitted, never the weights.
+
+Everything runs on ``transformers`` modules: module names can differ from checkpoint names,
+so tensors are matched to blocks by :func:`block_of`, which reads the same block from both.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rebasin.errors import RebasinError
+from rebasin.hf import load_hf_model, module_spec, primary_output
+from rebasin.permutation import apply_to_state
+from rebasin.probes import Probes, make_probes
+from rebasin.vocab import VocabMap
+
+GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
+EXTEND = (2.5, 3.0, 4.0)
+REFINE_STEPS = 6
+CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
+LAYER_STEPS = 150
+LAYER_LR = 0.03
+LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
+LOGIT_BUDGET = 1 << 28  # bytes of teacher log-probabilities kept in float32 (else bfloat16)
+_LAYER = re.compile(r"\.(\d+)(?=\.)")
+
+
+def block_of(name: str) -> str:
+    """The α block of a tensor: ``<first component>.<layer index>``, or ``<first component>`` outside layers.
+
+    ``model.layers.3.mlp.up_proj.weight`` → ``model.3``; ``vit.encoder.layer.3.output.dense.weight``
+    and its renamed module ``vit.layers.3.mlp.fc2.weight`` → ``vit.3``; ``lm_head.weight`` → ``lm_head``.
+    """
+    head = name.split(".", 1)[0]
+    m = _LAYER.search(name)
+    return f"{head}.{m.group(1)}" if m else head
+
+
+@dataclass
+class Calibration:
+    """What calibration found (``to_dict`` is the report's ``calibration`` entry).
+
+    Attributes:
+        alpha: the global α written (for ``auto-layer``, the α its blocks were regularised to).
+        alphas: per-block α when ``auto-layer`` was kept, else None.
+        requested: "auto", "auto-layer", or the number the user gave (then only D(0), D(α) are measured).
+        divergence: "kl" (output distributions) or "nmse" (headless models' features).
+        kl_base: D(0), the new base's divergence from the fine-tune.
+        kl_chosen: D at the written α (α's).
+        kl_at_one: D(1) when measured, else None.
+        reduction: ``1 − kl_chosen / kl_base``.
+        curve: ``[[α, D(α)], ...]`` sorted by α.
+        verdict: "carries over" or "does not carry over".
+        line: the one-line verdict the CLI prints.
+    """
+
+    alpha: float
+    alphas: dict[str, float] | None
+    requested: str
+    divergence: str
+    kl_base: float
+    kl_chosen: float
+    kl_at_one: float | None
+    reduction: float
+    curve: list[list[float]]
+    verdict: str
+    line: str
+    probes: dict[str, Any]
+    layer_fit: dict[str, Any] | None
+    seconds: float
+
+    def alpha_of(self, tensor: str) -> float:
+        """The α a checkpoint (or module) tensor receives."""
+        if self.alphas is None:
+            return self.alpha
+        return self.alphas.get(block_of(tensor), self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Candidate:
+    """``B + α·δ`` as a live module: ``base`` and ``delta`` are keyed by the module's parameter names.
+
+    ``delta`` holds π(τ) already placed in B's shapes (vocabulary rows mapped); parameters
+    without a delta stay B's.
+    """
+
+    def __init__(self, module: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
+        self.module = module
+        self.params = dict(module.named_parameters())
+        self.base = {k: self.params[k].detach().clone() for k in delta}
+        self.delta = delta
+        self.blocks = sorted({block_of(k) for k in delta})
+
+    @torch.no_grad()
+    def set(self, alpha: float | Mapping[str, float]) -> None:
+        for k, d in self.delta.items():
+            a = alpha if isinstance(alpha, (int, float)) else alpha.get(block_of(k), 0.0)
+            self.params[k].copy_(self.base[k]).add_(d, alpha=float(a))
+
+    def functional(self, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters as differentiable functions of per-block α's ``(n_blocks,)``."""
+        index = {b: i for i, b in enumerate(self.blocks)}
+        return {k: self.base[k] + alphas[index[block_of(k)]] * d for k, d in self.delta.items()}
+
+
+def bridge_vocab(probes: Probes, vocab: VocabMap, seed: int) -> tuple[Probes, Probes]:
+    """(teacher probes in A's token ids, candidate probes in B's): tokens B lacks are replaced by shared ones."""
+    if "input_ids" not in probes.inputs:
+        return probes, probes
+    a_to_b = torch.full((vocab.size_a,), -1, dtype=torch.long)
+    a_to_b[vocab.a_rows] = vocab.b_rows
+    ids = probes.inputs["input_ids"].clone()
+    lost = a_to_b[ids] < 0
+    gen = torch.Generator().manual_seed(seed)
+    ids[lost] = vocab.a_rows[torch.randint(0, vocab.shared, (int(lost.sum()),), generator=gen)]
+    teacher = Probes({**probes.inputs, "input_ids": ids}, probes.kind, probes.positions, probes.meta)
+    student = Probes({**probes.inputs, "input_ids": a_to_b[ids]}, probes.kind, probes.positions, probes.meta)
+    return teacher, student
+
+
+class Teacher:
+    """The fine-tune's output distributions on the probes, computed once, chunk by chunk.
+
+    With a vocabulary change the candidate reads ``student`` (B's token ids) and, where the
+    output axis is the vocabulary, both distributions are restricted to the shared tokens.
+    """
+
+    def __init__(self, model: torch.nn.Module, probes: Probes, chunk: int, vocab: VocabMap | None = None,
+                 seed: int = 0) -> None:
+        self.vocab = vocab
+        self.probes, self.student = bridge_vocab(probes, vocab, seed) if vocab is not None else (probes, probes)
+        self.chunk = chunk
+        self.targets: list[torch.Tensor] = []
+        self.kind = "kl"
+        with torch.no_grad():
+            for sl in self.slices():
+                out = model(**self.probes.batch(sl).inputs)
+                has_logits = getattr(out, "logits", None) is not None or getattr(out, "logits_per_image", None) \
+                    is not None
+                self.kind = "kl" if has_logits else "nmse"
+                y = self._shared(primary_output(out).float(), "a")
+                y = torch.log_softmax(y, dim=-1) if has_logits else y
+                self.targets.append(y)
+        total = sum(t.numel() for t in self.targets) * 4
+        if total > LOGIT_BUDGET:
+            self.targets = [t.to(torch.bfloat16) for t in self.targets]
+        if self.kind == "nmse":
+            allv = torch.cat([t.flatten(0, -2) for t in self.targets]).float()
+            self.scale = float(allv.var(dim=0).mean().clamp_min(1e-12))
+
+    def slices(self) -> list[slice]:
+        n = len(self.probes)
+        return [slice(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
+
+    def _shared(self, y: torch.Tensor, side: str) -> torch.Tensor:
+        if self.vocab is None:
+            return y
+        size, rows = (self.vocab.size_a, self.vocab.a_rows) if side == "a" else (self.vocab.size_b, self.vocab.b_rows)
+        return y.index_select(-1, rows.to(y.device)) if y.shape[-1] == size else y
+
+    def inputs(self, sl: slice) -> dict[str, torch.Tensor]:
+        """The candidate's inputs for slice ``sl``."""
+        return self.student.batch(sl).inputs
+
+    def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
+        """(sum of per-position divergences, number of positions) of chunk ``i``."""
+        y = self._shared(primary_output(out).float(), "b")
+        t = self.targets[i].float()
+        if self.kind == "kl":
+            per = (t.exp() * (t - torch.log_softmax(y, dim=-1))).sum(-1)
+        else:
+            per = (y - t).pow(2).mean(-1) / self.scale
+        pos = self.probes.positions
+        if pos is not None and per.dim() == 2 and per.shape == pos[sl].shape:
+            sel = pos[sl].to(per.device)
+            return per[sel].sum(), int(sel.sum())
+        return per.sum(), per.numel()
+
+
+def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
+              slices: list[int] | None = None) -> float:
+    cand.set(alpha)
+    total, count = 0.0, 0
+    chosen = slices if slices is not None else range(len(teacher.targets))
+    all_slices = teacher.slices()
+    with torch.no_grad():
+        for i in chosen:
+            sl = all_slices[i]
+            s, n = teacher.divergence(i, cand.module(**teacher.inputs(sl)), sl)
+            total, count = total + float(s), count + n
+    return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
+
+
+def _golden(f: Any, lo: float, hi: float, steps: int) -> tuple[float, float, list[list[float]]]:
+    """Golden-section minimisation of ``f`` on [lo, hi]: (argmin, min, evaluated points)."""
+    g = (math.sqrt(5) - 1) / 2
+    x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+    f1, f2 = f(x1), f(x2)
+    seen = [[x1, f1], [x2, f2]]
+    for _ in range(steps - 2):
+        if f1 <= f2:
+            hi, x2, f2 = x2, x1, f1
+            x1 = hi - g * (hi - lo)
+            f1 = f(x1)
+            seen.append([x1, f1])
+        else:
+            lo, x1, f1 = x1, x2, f2
+            x2 = lo + g * (hi - lo)
+            f2 = f(x2)
+            seen.append([x2, f2])
+    return (x1, f1, seen) if f1 <= f2 else (x2, f2, seen)
+
+
+def _fit_layers(cand: Candidate, teacher: Teacher, alpha: float, kl_alpha: float, fit: list[int],
+                steps: int, progress: bool) -> torch.Tensor:
+    """Per-block α by Adam on D over the ``fit`` chunks, pulled toward the global ``alpha``."""
+    alphas = torch.full((len(cand.blocks),), float(alpha), requires_grad=True)
+    opt = torch.optim.Adam([alphas], lr=LAYER_LR)
+    reg = LAYER_REG * max(kl_alpha, 1e-8)
+    all_slices = teacher.slices()
+    cand.set(0.0)  # buffers stay B's; the functional parameters replace the rest
+    for step in tqdm(range(steps), desc="calibrate α per layer", unit="step", disable=not progress, leave=False):
+        i = fit[step % len(fit)]
+        sl = all_slices[i]
+        params = cand.functional(alphas)
+        out = torch.func.functional_call(cand.module, params, args=(), kwargs=teacher.inputs(sl),
+                                         strict=False)
+        s, n = teacher.divergence(i, out, sl)
+        loss = s / max(n, 1) + reg * (alphas - alpha).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return alphas.detach()
+
+
+def _verdict(alpha: float, reduction: float, requested: str) -> tuple[str, str]:
+    pct = f"KL −{reduction:.0%}" if reduction >= 0 else f"KL +{-reduction:.0%}"
+    if requested not in ("auto", "auto-layer"):
+        if reduction < 0:
+            return ("does not carry over", f"warning: α = {alpha:g} leaves the output further from the fine-tune "
+                    f"than B itself ({pct} vs B); try --alpha auto")
+        verdict = "carries over" if reduction >= CARRY_THRESHOLD else "does not carry over"
+        return verdict, f"{verdict}: α = {alpha:g} (given), {pct} vs B"
+    if reduction >= CARRY_THRESHOLD:
+        return "carries over", f"carries over: α = {alpha:.2f}, {pct}"
+    return "does not carry over", (f"does not carry over: best α ≈ {alpha:.2f} ({pct}); "
+                                   "the output is (almost) B")
+
+
+def task_delta(ft: torch.nn.Module, a_dir: Path, b_module: torch.nn.Module, family: str,
+               perms: Mapping[str, torch.Tensor] | None, vocab: VocabMap | None) -> dict[str, torch.Tensor]:
+    """π(A_ft − A) per module parameter, placed in B's shapes (module names)."""
+    a = load_hf_model(a_dir, what="--alpha auto")
+    a_state = dict(a.named_parameters())
+    ft_state = dict(ft.named_parameters())
+    tau = {k: (ft_state[k].detach() - v.detach()).float() for k, v in a_state.items()
+           if k in ft_state and ft_state[k].shape == v.shape and v.is_floating_point()}
+    del a, a_state
+    if perms is not None:
+        tau = apply_to_state(module_spec(ft, family, where=a_dir), perms, tau)
+    b_params = dict(b_module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for k, d in tau.items():
+        if k not in b_params:
+            continue
+        target = b_params[k]
+        if d.shape == target.shape:
+            out[k] = d
+            continue
+        axes = [i for i, (x, y) in enumerate(zip(d.shape, target.shape, strict=True)) if x != y] \
+            if d.dim() == target.dim() else []
+        if vocab is None or len(axes) != 1:
+            continue
+        full = torch.zeros(target.shape, dtype=torch.float32)
+        full.index_copy_(axes[0], vocab.b_rows, d.index_select(axes[0], vocab.a_rows))
+        out[k] = full
+    return out
+
+
+def _load_finetune(finetuned: Path, a_dir: Path) -> torch.nn.Module:
+    from rebasin.lora import is_adapter_dir
+
+    if not is_adapter_dir(finetuned):
+        return load_hf_model(finetuned, what="--alpha auto")
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise RebasinError("calibrating a LoRA adapter needs peft: pip install 'rebasin-engine[hf]'") from exc
+    base = load_hf_model(a_dir, what="--alpha auto")
+    return PeftModel.from_pretrained(base, finetuned).merge_and_unload().eval()
+
+
+def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
+              perms: Mapping[str, torch.Tensor] | None, alpha: float | str = "auto", vocab: VocabMap | None = None,
+              probe_data: str | Path | None = None, probe_count: int = 32, probe_length: int = 128,
+              seed: int = 0, layer_steps: int | None = None, progress: bool = False) -> Calibration:
+    """Choose α (or check a given α) for ``B + α·π(A_ft − A)``; see the module docstring.
+
+    Args:
+        old_base, finetuned, new_base: model directories (the fine-tune may be a LoRA adapter).
+        family: the spec family (for π on module names).
+        perms: π (rebasin mode) or None (diff mode).
+        alpha: "auto", "auto-layer", or a number (then D(0), D(α) and D(1) only).
+        probe_data: the user's unlabeled inputs (see :mod:`rebasin.probes`), else synthetic probes.
+        probe_count, probe_length: number and length of synthetic probe sequences.
+    """
+    t0 = time.perf_counter()
+    what = "--alpha auto"
+    ft = _load_finetune(Path(finetuned), Path(old_base))
+    probes = make_probes(ft, count=probe_count, length=probe_length, seed=seed, model_dir=Path(finetuned)
+                         if (Path(finetuned) / "config.json").is_file() else Path(old_base), probe_data=probe_data)
+    per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
+    vocab_size = getattr(ft.config, "vocab_size", None) or 1024
+    # at least 4 chunks: auto-layer fits on minibatches and holds half of them out
+    chunk = max(1, min(len(probes) // 4, (1 << 26) // max(1, per_seq * vocab_size)))
+    teacher = Teacher(ft, probes, chunk, vocab, seed)
+    b = load_hf_model(new_base, what=what)
+    delta = task_delta(ft, Path(old_base), b, family, perms, vocab)
+    del ft
+    if not delta:
+        raise RebasinError("calibration found no tensor of the task vector in the new base's module",
+                           file=new_base)
+    cand = Candidate(b, delta)
+    curve: dict[float, float] = {}
+
+    def f(a: float) -> float:
+        if a not in curve:
+            curve[a] = _evaluate(cand, teacher, a)
+        return curve[a]
+
+    requested = alpha if isinstance(alpha, str) else f"{alpha:g}"
+    points = list(GRID) if isinstance(alpha, str) else sorted({0.0, 1.0, float(alpha)})
+    for a in tqdm(points, desc="calibrate α", unit="α", disable=not progress, leave=False):
+        f(a)
+    layer_fit = None
+    alphas = None
+    if isinstance(alpha, str):
+        for a in EXTEND:  # the minimum may lie above the grid
+            best = min(curve, key=curve.get)
+            if best < max(curve):
+                break
+            f(a)
+        xs = sorted(curve)
+        best = min(curve, key=curve.get)
+        i = xs.index(best)
+        lo, hi = xs[max(i - 1, 0)], xs[min(i + 1, len(xs) - 1)]
+        if hi > lo:
+            _golden(f, lo, hi, REFINE_STEPS)
+        chosen = min(curve, key=curve.get)
+        kl_chosen = curve[chosen]
+        if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
+            n = len(teacher.targets)
+            fit, held = list(range(0, n, 2)), list(range(1, n, 2))
+            layer_steps = layer_steps or LAYER_STEPS
+            fitted = _fit_layers(cand, teacher, chosen, kl_chosen, fit, layer_steps, progress)
+            per_block = dict(zip(cand.blocks, (float(x) for x in fitted), strict=True))
+            held_global = _evaluate(cand, teacher, chosen, held)
+            held_layer = _evaluate(cand, teacher, per_block, held)
+            kept = held_layer < held_global
+            layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
+                         "kept": kept, "steps": layer_steps}
+            if kept:
+                alphas = per_block
+                kl_chosen = _evaluate(cand, teacher, per_block)
+    else:
+        chosen = float(alpha)
+        kl_chosen = curve[chosen]
+    kl_base = curve[0.0]
+    reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
+    verdict, line = _verdict(chosen, reduction, requested)
+    if layer_fit is not None:
+        line += (f"; per-layer α kept (held-out KL {layer_fit['heldout_layer']:.4g} < "
+                 f"{layer_fit['heldout_global']:.4g})"
+                 if layer_fit["kept"] else "; per-layer α not kept (no held-out gain over the global α)")
+    return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,
+                       kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
+                       curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
+                       probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0)

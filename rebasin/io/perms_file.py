@@ -1,0 +1,60 @@
+"""The permutations file: π as a ``.safetensors`` file of int64 tensors plus metadata.
+
+One tensor per key of :mod:`rebasin.permutation` (``G`` for a plain group; ``G.heads``,
+``G.qgroup``, ``G.qk``, ``G.vo`` for an attention group). Metadata (all strings):
+
+==================  ===========================================================
+``format``          :data:`FORMAT`, so other safetensors files are refused
+``format_version``  :data:`FORMAT_VERSION`
+``family``          the spec family the permutations are for
+``source``          the model π applies to, ``target`` the model it aligns it with
+``convention``      ``apply(source, perms) ~= target; new[i] = old[perm[i]]``
+==================  ===========================================================
+
+plus any ``extra`` string pairs the writer passes (written last, so they win on a clash).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rebasin.errors import InputFileError
+from rebasin.io.checkpoint import read_header
+
+FORMAT = "rebasin.permutations"
+FORMAT_VERSION = "1"
+
+
+def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], *, family: str, source: str = "",
+               target: str = "", extra: Mapping[str, str] | None = None) -> None:
+    """Write π as a ``.safetensors`` file: one int64 tensor per key, plus metadata."""
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": family,
+                "source": str(source), "target": str(target),
+                "convention": "apply(source, perms) ~= target; new[i] = old[perm[i]]", **(extra or {})}
+    save_file({k: v.to(torch.int64).contiguous().cpu() for k, v in perms.items()}, str(path), metadata=metadata)
+
+
+def load_perms(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a permutations file written by :func:`save_perms`: (key -> int64 tensor, metadata).
+
+    Raises InputFileError naming ``path`` when it is missing, truncated, not safetensors, or
+    not a permutations file of a supported version. Keys and shapes are checked against a
+    spec by :func:`rebasin.permutation.validate`, not here.
+    """
+    path = Path(path)
+    read_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            perms = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:
+        raise InputFileError(f"cannot read permutations: {exc}", file=path) from None
+    if meta.get("format") != FORMAT:
+        raise InputFileError(f"not a rebasin permutations file (metadata format={meta.get('format')!r})", file=path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputFileError(f"unsupported permutations format version {meta.get('format_version')!r}", file=path)
+    return perms, meta

@@ -1,0 +1,211 @@
+"""Probe inputs for data-free calibration: what the fine-tune is asked to answer.
+
+* causal LMs: sequences sampled from the fine-tune itself (temperature 1, seeded) — the
+  inputs on which the fine-tune's behaviour is most its own;
+* masked LMs and other text encoders: uniformly random tokens with 15% of positions masked
+  (the divergence is then read at the masked positions when the model predicts tokens);
+* vision models: noise images at the model's input shape, half white noise and half smooth
+  (bilinearly upsampled low-resolution) noise;
+* CLIP: random tokens and noise images together;
+* ``--probe-data PATH``: the user's unlabeled inputs — a text file (one example per line,
+  tokenized with the fine-tune's tokenizer) or a ``.safetensors`` file of input tensors
+  (``input_ids``, ``pixel_values``, ... with a leading batch axis).
+
+Every probe set is a deterministic function of the model, the sizes and the seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rebasin.errors import InputFileError, RebasinError
+
+MASK_FRACTION = 0.15
+
+
+@dataclass
+class Probes:
+    """A batch of model inputs plus where to read the output.
+
+    Attributes:
+        inputs: model keyword arguments, each with a leading batch axis ``(n, ...)``.
+        kind: "sampled", "masked", "random-tokens", "noise-images", "clip", or "user".
+        positions: optional bool mask ``(n, seq)`` of the output positions to compare
+            (masked positions of a masked LM); None compares every position.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    kind: str
+    positions: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def batch(self, idx: slice | torch.Tensor) -> Probes:
+        pos = None if self.positions is None else self.positions[idx]
+        return Probes({k: v[idx] for k, v in self.inputs.items()}, self.kind, pos, self.meta)
+
+    def summary(self) -> dict[str, Any]:
+        shapes = {k: list(v.shape) for k, v in self.inputs.items()}
+        return {"kind": self.kind, "count": len(self), "shapes": shapes, **self.meta}
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    name = type(model).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(model, "generate")
+
+
+def _vocab_size(config: Any) -> int:
+    text = getattr(config, "text_config", None)
+    return int(getattr(text, "vocab_size", None) or config.vocab_size)
+
+
+def _max_len(config: Any, wanted: int) -> int:
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or wanted
+    return max(2, min(wanted, int(limit)))
+
+
+def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -> Probes:
+    """``count`` sequences of ``length`` tokens sampled from a causal LM at temperature 1."""
+    cfg = model.config
+    length = _max_len(cfg, length)
+    gen = torch.Generator().manual_seed(seed)
+    bos = getattr(cfg, "bos_token_id", None)
+    vocab = _vocab_size(cfg)
+    if isinstance(bos, int) and 0 <= bos < vocab:
+        start = torch.full((count, 1), bos, dtype=torch.long)
+    else:
+        start = torch.randint(0, vocab, (count, 1), generator=gen)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
+                                 min_new_tokens=length - 1, pad_token_id=bos if isinstance(bos, int) else 0)
+    return Probes({"input_ids": ids.cpu()}, "sampled", meta={"length": length, "temperature": 1.0, "seed": seed})
+
+
+def _mask_token(model_dir: Path | None, config: Any) -> int | None:
+    mask = getattr(config, "mask_token_id", None)
+    if isinstance(mask, int):
+        return mask
+    if model_dir is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception:
+        return None
+    return tok.mask_token_id if isinstance(tok.mask_token_id, int) else None
+
+
+def token_probes(model: torch.nn.Module, count: int, length: int, seed: int, model_dir: Path | None) -> Probes:
+    """Uniformly random tokens; 15% masked when the model has a mask token (masked LMs)."""
+    cfg = model.config
+    length = _max_len(cfg, length)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, _vocab_size(cfg), (count, length), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in _forward_args(model):
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    mask_id = _mask_token(model_dir, cfg) if type(model).__name__.endswith("ForMaskedLM") else None
+    if mask_id is None or not 0 <= mask_id < _vocab_size(cfg):
+        return Probes(inputs, "random-tokens", meta={"length": length, "seed": seed})
+    masked = torch.rand(count, length, generator=gen) < MASK_FRACTION
+    masked[:, 0] |= ~masked.any(dim=1)
+    ids[masked] = mask_id
+    return Probes(inputs, "masked", positions=masked, meta={"length": length, "mask_fraction": MASK_FRACTION,
+                                                             "seed": seed})
+
+
+def noise_images(count: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """``(count, channels, size, size)``: first half white noise, second half smooth noise, unit variance."""
+    white = torch.randn(count - count // 2, channels, size, size, generator=gen)
+    low = max(2, size // 4)
+    coarse = torch.randn(count // 2, channels, low, low, generator=gen)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    smooth = smooth / smooth.std().clamp_min(1e-6)
+    return torch.cat([white, smooth])
+
+
+def image_probes(model: torch.nn.Module, count: int, seed: int, length: int) -> Probes:
+    cfg = model.config
+    vision = getattr(cfg, "vision_config", None) or cfg
+    gen = torch.Generator().manual_seed(seed)
+    pixels = noise_images(count, int(getattr(vision, "num_channels", 3)), int(vision.image_size), gen)
+    if getattr(cfg, "text_config", None) is None:
+        return Probes({"pixel_values": pixels}, "noise-images", meta={"seed": seed})
+    length = _max_len(cfg, min(length, 16))
+    ids = torch.randint(0, _vocab_size(cfg), (count, length), generator=gen)
+    return Probes({"pixel_values": pixels, "input_ids": ids}, "clip", meta={"length": length, "seed": seed})
+
+
+def _forward_args(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+def user_probes(path: str | Path, model: torch.nn.Module, model_dir: Path | None, length: int,
+                count: int) -> Probes:
+    """Inputs from ``--probe-data``: a ``.safetensors`` of input tensors, or a text file (one example a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError("probe data file not found", file=path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            inputs = load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise InputFileError(f"not a readable safetensors file ({exc})", file=path) from None
+        accepted = _forward_args(model)
+        unknown = sorted(set(inputs) - accepted)
+        if unknown or not inputs:
+            raise InputFileError(f"probe tensors must be inputs of {type(model).__name__}: unknown "
+                                 f"{', '.join(unknown) or '(none given)'}", file=path)
+        sizes = {int(v.shape[0]) for v in inputs.values()}
+        if len(sizes) != 1:
+            raise InputFileError("probe tensors need one common leading batch size", file=path)
+        return Probes(dict(inputs), "user", meta={"file": str(path)})
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"cannot read probe text ({exc})", file=path) from None
+    if not lines:
+        raise InputFileError("probe text file has no non-empty line", file=path)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise RebasinError(f"text probes need the fine-tune's tokenizer files ({type(exc).__name__})",
+                           file=model_dir) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    enc = tok(lines[:count], padding=True, truncation=True, max_length=_max_len(model.config, length),
+              return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if k in _forward_args(model)}
+    positions = enc["attention_mask"].bool()
+    return Probes(inputs, "user", positions=positions, meta={"file": str(path), "lines": len(lines[:count])})
+
+
+def make_probes(model: torch.nn.Module, *, count: int = 32, length: int = 128, seed: int = 0,
+                model_dir: Path | None = None, probe_data: str | Path | None = None) -> Probes:
+    """The probe set for ``model`` (the fine-tune): see the module docstring."""
+    if probe_data is not None:
+        return user_probes(probe_data, model, model_dir, length, count)
+    if getattr(model.config, "vision_config", None) is not None or getattr(model, "main_input_name", "") == \
+            "pixel_values":
+        return image_probes(model, count, seed, length)
+    if is_causal_lm(model):
+        return sampled_probes(model, count, length, seed)
+    return token_probes(model, count, length, seed, model_dir)
