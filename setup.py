@@ -1,5 +1,11 @@
 """rebasin: move a fine-tune onto a new base model by re-basin of its task vector."""
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# The certified solver's C passes (rebasin/solvers/_lapcore.c: plain C and the buffer protocol, no
+# numpy headers). optional=True: without a C compiler the install still succeeds and the solver
+# runs its torch path (rebasin.solvers.native.native_available() says which).
+LAPCORE = Extension("rebasin.solvers._lapcore", ["rebasin/solvers/_lapcore.c"], optional=True,
+                    extra_compile_args=["-O3", "-fopenmp-simd"])
 
 setup(
     name="rebasin-engine",
@@ -14,6 +20,7 @@ setup(
     packages=[*find_packages(include=["rebasin", "rebasin.*"]), "rebasin_kernels"],
     package_dir={"rebasin_kernels": "kernels"},
     package_data={"rebasin": ["specs/families/*.toml"]},
+    ext_modules=[LAPCORE],
     install_requires=[
         "torch>=2.1",
         "safetensors>=0.4",
@@ -26,7 +33,9 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.45", "peft>=0.12"],
-        "fast": ["lapx>=0.5"],
+        "fast": ["lapx>=0.11", "laprust>=1.0"],
+        # the solver benchmark's peers (python -m benchmarks solvers)
+        "bench": ["lapx>=0.11", "laprust>=1.0", "lapjv>=1.3"],
         "gpu": ["triton>=3.0"],
         "demo": ["transformers>=4.45", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "test": [
@@ -36,7 +45,8 @@ setup(
             "ruff>=0.6",
             "transformers>=4.45",
             "peft>=0.12",
-            "lapx>=0.5",
+            "lapx>=0.11",
+            "laprust>=1.0",
             "triton>=3.0",
             "scikit-learn>=1.3",
             "matplotlib>=3.7",

@@ -1,12 +1,15 @@
-"""Entry point: ``python -m benchmarks NAME [--quick] [--device cpu|cuda] [--json OUT]``.
+"""Entry point: ``python -m benchmarks NAME [--quick] [--device cpu|cuda] [--seeds N] [--json OUT]``.
 
 NAME is a module ``benchmarks/bench_NAME.py``; ``python -m benchmarks --list`` lists them.
-Results default to ``benchmarks/results/NAME-<device>.json`` plus a ``.md`` summary.
+Results default to ``benchmarks/results/NAME-<device>.json`` plus a ``.md`` summary (a module
+with ``write_report(records, info, json_path)`` writes its own, e.g. with a plot). ``--seeds``
+goes to modules whose ``run`` takes ``seeds``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 from pathlib import Path
 
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?", help="benchmark to run: " + ", ".join(available()))
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seeds", type=int, help="seeds to repeat over (benchmarks that take it, e.g. quality)")
     parser.add_argument("--json", type=Path, help="output JSON path")
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
     args = parser.parse_args(argv)
@@ -36,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in available():
         parser.error(f"unknown benchmark {args.name!r}; choose from {', '.join(available())}")
     module = importlib.import_module(f"benchmarks.bench_{args.name}")
-    records = module.run(quick=args.quick, device=args.device)
+    extra = {"seeds": args.seeds} if args.seeds is not None and "seeds" in inspect.signature(module.run).parameters \
+        else {}
+    records = module.run(quick=args.quick, device=args.device, **extra)
     info = device_info(args.device)
     suffix = "-quick" if args.quick else ""
     out = args.json or HERE / "results" / f"{args.name}-{args.device}{suffix}.json"
     md = write_results(args.name, records, info, out)
+    if hasattr(module, "write_report"):
+        md = module.write_report(records, info, out)
     print(md.read_text())
     print(f"wrote {out} and {md}")
     return 0

@@ -77,6 +77,10 @@ def check_permutations(perm: torch.Tensor | np.ndarray) -> bool:
     n = perm.shape[1]
     if isinstance(perm, torch.Tensor) and perm.device.type == "cpu":  # numpy: cheap for small solves
         perm = perm.numpy()
+    if isinstance(perm, np.ndarray):  # in range, then b*n values in b*n slots: all hit once iff none twice
+        if perm.min() < 0 or perm.max() >= n:
+            return False
+        return int(column_hits(perm).max()) == 1
     if bool(perm.min() < 0) or bool(perm.max() >= n):
         return False
     return bool((column_hits(perm) == 1).all())

@@ -12,7 +12,8 @@ D(0) is B's own divergence, so the chosen α never leaves the output further fro
 fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
 
 * ``auto``: D on a grid of α (extended upward while it still falls at the top), then
-  golden-section refinement around the best grid point.
+  parabolic refinement (golden-section steps where a parabola is unusable) around the best
+  grid point.
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
   layers), fitted by Adam on the same D, regularised toward the global α; kept only if it
   also lowers D on held-out probes. Only the α's are fitted, never the weights.
@@ -39,9 +40,9 @@ from rebasin.permutation import apply_to_state
 from rebasin.probes import Probes, make_probes
 from rebasin.vocab import VocabMap
 
-GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0)
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 EXTEND = (2.5, 3.0, 4.0)
-REFINE_STEPS = 6
+REFINE_STEPS = 5
 CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
 LAYER_STEPS = 150
 LAYER_LR = 0.03
@@ -218,24 +219,24 @@ def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, flo
     return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
 
 
-def _golden(f: Any, lo: float, hi: float, steps: int) -> tuple[float, float, list[list[float]]]:
-    """Golden-section minimisation of ``f`` on [lo, hi]: (argmin, min, evaluated points)."""
-    g = (math.sqrt(5) - 1) / 2
-    x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
-    f1, f2 = f(x1), f(x2)
-    seen = [[x1, f1], [x2, f2]]
-    for _ in range(steps - 2):
-        if f1 <= f2:
-            hi, x2, f2 = x2, x1, f1
-            x1 = hi - g * (hi - lo)
-            f1 = f(x1)
-            seen.append([x1, f1])
-        else:
-            lo, x1, f1 = x1, x2, f2
-            x2 = lo + g * (hi - lo)
-            f2 = f(x2)
-            seen.append([x2, f2])
-    return (x1, f1, seen) if f1 <= f2 else (x2, f2, seen)
+def _refine(f: Any, curve: dict[float, float], steps: int, tol: float = 0.01) -> None:
+    """Refine the minimum of ``f`` bracketed by the evaluated points: parabolic steps through the
+    best point and its neighbours, a golden-section step whenever the parabola is unusable."""
+    g = (3 - math.sqrt(5)) / 2
+    for _ in range(steps):
+        xs = sorted(curve)
+        i = xs.index(min(curve, key=curve.get))
+        if i == 0 or i == len(xs) - 1:
+            return
+        x0, x1, x2 = xs[i - 1], xs[i], xs[i + 1]
+        f0, f1, f2 = curve[x0], curve[x1], curve[x2]
+        den = (x1 - x0) * (f1 - f2) - (x1 - x2) * (f1 - f0)
+        x = x1 - 0.5 * ((x1 - x0) ** 2 * (f1 - f2) - (x1 - x2) ** 2 * (f1 - f0)) / den if den != 0 else math.nan
+        if abs(x - x1) < tol / 2:
+            return  # the parabola's vertex is the best point: converged
+        if not x0 + tol / 2 < x < x2 - tol / 2:  # also NaN
+            x = x1 + g * (x2 - x1) if x2 - x1 > x1 - x0 else x1 - g * (x1 - x0)
+        f(x)
 
 
 def _fit_layers(cand: Candidate, teacher: Teacher, alpha: float, kl_alpha: float, fit: list[int],
@@ -367,12 +368,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             if best < max(curve):
                 break
             f(a)
-        xs = sorted(curve)
-        best = min(curve, key=curve.get)
-        i = xs.index(best)
-        lo, hi = xs[max(i - 1, 0)], xs[min(i + 1, len(xs) - 1)]
-        if hi > lo:
-            _golden(f, lo, hi, REFINE_STEPS)
+        _refine(f, curve, REFINE_STEPS)
         chosen = min(curve, key=curve.get)
         kl_chosen = curve[chosen]
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:

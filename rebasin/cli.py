@@ -20,6 +20,7 @@ from rebasin.errors import EXIT_CODES_HELP, RebasinError
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MODES = ("rebasin", "diff")
+SYMMETRIES = ("full", "perm")  # rebasin.symmetry.SYMMETRIES, default first
 
 
 # ---- option types: each rejects a bad value at parse time (argparse turns ValueError into exit 2) ----
@@ -100,6 +101,13 @@ def _match_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the group visiting order (default 0)")
     p.add_argument("--device", type=device_choice, default="auto", metavar="DEVICE",
                    help=f"{', '.join(DEVICES)} (default auto: cuda when available)")
+    _symmetries_arg(p, "symmetries matched: full (default: permutations plus the exact within-head orthogonal maps "
+                       "— V/O per KV head, RoPE frequency-pair rotations, Q/K maps without RoPE) or perm "
+                       "(permutations only)")
+
+
+def _symmetries_arg(p: argparse.ArgumentParser, help_: str) -> None:
+    p.add_argument("--symmetries", choices=SYMMETRIES, default="full", help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perms", required=True, help="permutations .safetensors file (from `rebasin match`)")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--inverse", action="store_true", help="apply the inverse permutations")
+    _symmetries_arg(p, "full (default): apply everything the file holds; perm: its permutations only, leaving "
+                       "out its rotations")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--max-shard-size", type=positive_float, default=2.0, metavar="GIB",
                    help="shard size limit in GiB, > 0 (default 2)")
@@ -203,54 +213,71 @@ def cmd_apply(args: argparse.Namespace) -> int:
     model = open_model(args.model, family=args.arch, config=args.config)
     perms, _meta = load_perms(args.perms)
     out = apply_checkpoint(model, perms, args.output, inverse=args.inverse, overwrite=args.overwrite,
-                           max_shard_bytes=int(args.max_shard_size * 2**30), perms_file=args.perms, progress=True)
+                           max_shard_bytes=int(args.max_shard_size * 2**30), perms_file=args.perms, progress=True,
+                           symmetries=args.symmetries)
     print(f"wrote {out}")
     return 0
 
 
-def format_match(result: Any) -> str:
-    """The per-sweep objective, per-group table and time split of a :class:`MatchResult`."""
+def format_match(result: Any, spec: Any = None) -> str:
+    """The per-sweep objective, per-group table and time split of a :class:`MatchResult`.
+
+    ``objective_history`` holds the start (identity plus the global groups' initial guess) and
+    then one value per sweep. ``spec`` (the source's) marks groups fixed to the identity.
+    """
     gain = result.objective - result.objective_identity
+    start, *sweeps = result.objective_history
+    fixed = set(spec.fixed_groups) if spec is not None else set()
     lines = [
         f"objective  identity {result.objective_identity:.6g}  ->  found {result.objective:.6g}  "
         f"(+{gain:.4g}; {result.sweeps} sweep(s), {'converged' if result.converged else 'max sweeps reached'})",
-        "per sweep  " + "  ".join(f"{j:.6g}" for j in result.objective_history),
-        f"{'group':<28} {'kind':<9} {'size':>6} {'moved':>7} {'cos before':>11} {'cos after':>10}",
+        f"per sweep  start {start:.6g}" + "".join(f"  {i}: {j:.6g}" for i, j in enumerate(sweeps, 1)),
+        f"{'group':<28} {'kind':<9} {'size':>6} {'moved':>7} {'cos before':>11} {'cos after':>10}"
+        + (f" {'rotation':>9}" if (rotated := any(getattr(g, "rotation", 0.0) for g in result.groups)) else ""),
     ]
     for g in result.groups:
-        lines.append(f"{g.name:<28} {g.kind:<9} {g.size:>6} {g.moved:>7.1%} {g.cos_before:>11.4f} {g.cos_after:>10.4f}")
+        lines.append(f"{g.name:<28} {g.kind:<9} {g.size:>6} {g.moved:>7.1%} {g.cos_before:>11.4f} {g.cos_after:>10.4f}"
+                     + (f" {getattr(g, 'rotation', 0.0):>9.3f}" if rotated else "")
+                     + ("  fixed (headless)" if g.name in fixed else ""))
+    if fixed and spec.headless:
+        lines.append(f"headless: {spec.headless}; {', '.join(sorted(fixed))} kept at the identity")
     lines.append("time (s)   " + "  ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     return "\n".join(lines)
 
 
 def cmd_match(args: argparse.Namespace) -> int:
     from rebasin.io.perms_file import save_perms
-    from rebasin.io.writer import atomic_output_file, ensure_output_free
+    from rebasin.io.writer import atomic_output_files, ensure_output_free
     from rebasin.matching.api import match
     from rebasin.model import open_model
 
     out = Path(args.output)
-    ensure_output_free(out, args.overwrite)
+    ensure_output_free(out, args.overwrite)  # before the work: an existing or unwritable output
+    if args.report:
+        ensure_output_free(Path(args.report), True)
     source = open_model(args.source, family=args.arch, config=args.config)
     target = open_model(args.target, family=args.arch, config=args.config)
     result = match(source, target, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed,
-                   device=args.device, progress=True)
+                   device=args.device, progress=True, symmetries=args.symmetries)
     extra = {"objective_identity": repr(result.objective_identity), "objective": repr(result.objective),
-             "solver": args.solver, "seed": str(args.seed)}
-    atomic_output_file(out, lambda p: save_perms(p, result.perms, family=source.family, source=str(source.path),
-                                                 target=str(target.path), extra=extra), overwrite=args.overwrite)
+             "solver": args.solver, "seed": str(args.seed), "symmetries": args.symmetries}
+    files = [(out, lambda p: save_perms(p, result.perms, family=source.family, source=str(source.path),
+                                        target=str(target.path), extra=extra), args.overwrite)]
     if args.report:
         report = {"source": str(source.path), "target": str(target.path), "family": source.family,
-                  "perms": str(out), **result.to_dict()}
-        atomic_output_file(Path(args.report), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"),
-                           overwrite=True)
-    print(format_match(result))
+                  "perms": str(out), "headless": source.spec.headless, "fixed_groups": source.spec.fixed_groups,
+                  **result.to_dict()}
+        files.append((Path(args.report), lambda p: p.write_text(json.dumps(report, indent=2) + "\n"), True))
+    atomic_output_files(files)  # both or neither
+    print(format_match(result, source.spec))
     print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
     return 0
 
 
 def format_transfer(report: dict[str, Any], output: Path) -> str:
     """What a finished transfer prints: what was written, the alignment and verification lines."""
+    from rebasin.report import tensor_counts
+
     r = report
     lines = []
     if r.get("verify"):
@@ -258,6 +285,9 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
     if r.get("match"):
         m = r["match"]
         lines.append(f"alignment objective: identity {m['objective_identity']:.6g} -> matched {m['objective']:.6g}")
+    elif r.get("alignment"):
+        m = r["alignment"]
+        lines.append(f"alignment objective: identity {m['objective_identity']:.6g} -> given π {m['objective']:.6g}")
     if r.get("lineage"):
         lines.append(r["lineage"])
     c = r.get("calibration")
@@ -266,10 +296,11 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
                      f"at α = {c['alpha']:.3g} ({c['seconds']:.1f} s, {c['probes']['count']} {c['probes']['kind']} "
                      "probes)")
         lines.append(c["line"])
-    t = r["tensors"]
     alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:g}"
-    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; {t['with_delta']} tensors moved, "
-                 f"{t['copied_from_b']} copied from B)")
+    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: "
+                 f"{tensor_counts(r['tensors'], r.get('adapter'))})")
+    if r.get("files_from_b"):
+        lines.append(f"copied from B: {', '.join(r['files_from_b'])}")
     return "\n".join(lines)
 
 
@@ -289,7 +320,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                       device=args.device, dtype=args.dtype, probe_data=args.probe_data, probe_count=args.probe_count,
                       probe_length=args.probe_length, probe_seed=args.seed, require_gain=args.require_gain,
                       check_alpha=True, overwrite=args.overwrite, verify=args.verify, dry_run=args.dry_run,
-                      progress=True)
+                      progress=True, symmetries=args.symmetries)
     print(format_plan(result.report["plan"]) if args.dry_run else format_transfer(result.report, result.output))
     return 0
 
@@ -310,11 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RebasinError as exc:
+        _close_progress_bars()
         print(f"rebasin: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("\nrebasin: interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar a failed command left open, so the error gets a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -1,385 +1,239 @@
-"""``rebasin demo``: an end-to-end run on small ViTs trained here, nothing downloaded.
+"""``rebasin demo``: move a fine-tune onto three kinds of new base, on small decoders trained here.
 
-The story, on scikit-learn's 8×8 ``load_digits`` (fixed stratified train/test split):
+Nothing is downloaded. The models are Llama-style decoders (RoPE, grouped-query attention,
+SwiGLU; :mod:`rebasin.toy`) trained at the character level on the Python standard library's
+own sources: the bases on its docstrings (prose, the *general* task), the fine-tune on its
+code (the *sub-task*). The pair set (:func:`rebasin.toy.build_pair_set`):
 
-- **A** (old base) and **B** (new base): the same tiny ``ViTForImageClassification``,
-  trained independently (different init and data order: seeds ``seed`` and ``seed + 1``)
-  on the digits.
-- **A_ft**: A fine-tuned briefly (small learning rate, few epochs) on a domain shift the
-  bases do poorly on: every image shifted one pixel to the right (``SHIFT``) — the sub-task.
-- **B_ft**: B fine-tuned the same way — the upper bound a transfer can hope for.
+- A, the old base, and A_ft, A fine-tuned on code;
+- three new bases B, each with B_ft (B fine-tuned on code the same way: the upper bound):
+  (a) A trained further on prose — same lineage; (b) (a) with its hidden units, heads and
+  head dimensions re-ordered by a random symmetry — the same function, so only re-basin can
+  line A up with it; (c) another seed trained from scratch — independent.
 
-The fine-tune is then moved from A to B through the public API
-(:func:`rebasin.transfer.transfer`) in ``diff`` mode (``B + α(A_ft − A)``) and ``rebasin``
-mode (``B + α·π(A_ft − A)``), and every model is evaluated on the shifted test images
-(the sub-task) and on the original ones. Because A and B were
-trained independently, their hidden units are in unrelated orders: diff mode adds the
-task vector in the wrong coordinates, rebasin mode first permutes it into B's.
+For each B the fine-tune is moved through the public API (:func:`rebasin.transfer.transfer`):
+diff ``B + α(A_ft − A)`` and rebasin ``B + α·π(A_ft − A)``, at α = 1 and at the data-free
+calibrated α ("auto", with its verdict), and every model is evaluated on held-out code (the
+fine-tune's task) and prose (B's own task). An aligned-merge check evaluates ½(A + B) and
+½(π(A) + B) on prose. The first run trains the models (about two minutes on two cores) into the
+cache (``--cache``, else ``$REBASIN_CACHE/toy``, else ``~/.cache/rebasin/toy``); later runs reuse
+them. The output folder gets ``results.json``, ``results.md``, ``results.png`` and the written
+models under ``transfers/``. Every number is measured by the run that prints it.
 
-The four models are cached as Hugging Face model directories (safetensors) under
-``--cache`` (default ``$REBASIN_CACHE/demo``, else ``~/.cache/rebasin/demo``), keyed by a
-version string and every hyperparameter, each written atomically. The output folder
-gets ``results.json``, ``results.md``, ``results.png`` and the transferred models under
-``transfers/``. Every number is measured on the run that writes it.
-
-Pixel convention of the saved models: ``pixel_values = image / 8 − 1`` (digits' 0..16
-intensities mapped to [−1, 1]), shape ``(N, 1, 8, 8)``.
+Entry points: :func:`run_demo_pipeline` returns a :class:`DemoResult`; :func:`format_demo`
+renders it as the text the command prints; :func:`run_demo` does both for ``rebasin demo``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VERSION = "rebasin-demo-1"
-SHIFT = 1  # the sub-task: images rolled this many pixels to the right
-PIXEL_SCALE = 8.0  # pixel_values = image / PIXEL_SCALE - 1
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Every hyperparameter of the demo (all of them enter the cache key)."""
-
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    mlp_ratio: int = 4
-    patch: int = 4
-    base_epochs: int = 30
-    base_lr: float = 1e-3
-    base_wd: float = 0.05
-    ft_epochs: int = 5
-    ft_lr: float = 1e-4
-    batch: int = 64
-    test_size: float = 0.3
-    split_seed: int = 0
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
-
-    def vit_config(self) -> Any:
-        import transformers
-
-        return transformers.ViTConfig(
-            image_size=8, patch_size=self.patch, num_channels=1, hidden_size=self.hidden,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads,
-            intermediate_size=self.mlp_ratio * self.hidden, num_labels=10,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            id2label={i: str(i) for i in range(10)}, label2id={str(i): i for i in range(10)})
-
-
-FULL = DemoConfig()
-QUICK = DemoConfig(hidden=32, layers=2, heads=4, base_epochs=6, base_lr=3e-3, ft_epochs=2, ft_lr=3e-4, batch=128)
-
-
-@dataclass
-class Data:
-    x_train: Any
-    y_train: Any
-    x_test: Any
-    y_test: Any
-    xs_train: Any  # shifted (sub-task) images
-    xs_test: Any
+VERSION = "rebasin-demo-2"
+FAMILY = "llama"
+PROBES = {"tiny": {"probe_count": 8, "probe_length": 32}}  # calibration probes of the test-size run
+KIND_TEXT = {
+    "continued": "(a) same lineage: B = A trained further on prose",
+    "permuted": "(b) same lineage, re-ordered: B = (a) with its units permuted (same function)",
+    "independent": "(c) independent: B = another seed trained from scratch",
+}
 
 
 @dataclass
 class DemoResult:
+    """What the demo measured; ``results`` is the JSON written to ``results.json``."""
+
     output: Path
-    rows: list[dict[str, Any]]
     results: dict[str, Any]
     files: list[str] = field(default_factory=list)
 
-
-# --------------------------------------------------------------------------- data
-
-
-def load_data(cfg: DemoConfig) -> Data:
-    """scikit-learn's digits (bundled with scikit-learn: nothing is downloaded), fixed split."""
-    import numpy as np
-    import torch
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / PIXEL_SCALE - 1.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    tr, te = train_test_split(np.arange(len(y)), test_size=cfg.test_size, random_state=cfg.split_seed,
-                              stratify=d.target)
-    tr, te = torch.as_tensor(tr), torch.as_tensor(te)
-    return Data(x[tr], y[tr], x[te], y[te], shift(x[tr]), shift(x[te]))
+    @property
+    def kinds(self) -> dict[str, dict[str, Any]]:
+        return self.results["kinds"]
 
 
-def shift(x: Any) -> Any:
-    """The sub-task's domain shift: roll the images SHIFT pixels right (digits' borders are blank)."""
-    import torch
+def _methods() -> tuple[Any, ...]:
+    from rebasin.toy.transfers import AUTO, FIXED
 
-    return torch.roll(x, SHIFT, dims=-1)
-
-
-# --------------------------------------------------------------------------- training
+    return FIXED + AUTO
 
 
-def train(model: Any, x: Any, y: Any, *, epochs: int, lr: float, wd: float, batch: int, seed: int,
-          desc: str, progress: bool, schedule: bool = True) -> Any:
-    """AdamW (+ linear warm-up and cosine decay when ``schedule``), cross-entropy, in place."""
-    import math
+def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed: int = 0, *, preset: str = "full",
+                      progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+    """Build (or load) the pair set, transfer with every method, evaluate, write the artifacts.
 
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    per_epoch = math.ceil(len(y) / batch)
-    total, warm = epochs * per_epoch, max(1, epochs * per_epoch // 10)
-
-    def factor(step: int) -> float:
-        if not schedule:
-            return 1.0
-        return min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / total))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=True)
-    for _ in bar:
-        order = torch.randperm(len(y), generator=g)
-        run = 0.0
-        for i in range(0, len(y), batch):
-            idx = order[i:i + batch]
-            loss = F.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run += float(loss.detach()) * len(idx)
-        bar.set_postfix(loss=f"{run / len(y):.3f}")
-    model.eval()
-    return model
-
-
-@contextlib.contextmanager
-def _atomic_dir(dest: Path):
-    """Yield a temporary directory beside ``dest``, renamed to ``dest`` when the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dest.exists():  # another process finished the same model first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def cache_key(cfg: DemoConfig, seed: int) -> str:
-    blob = json.dumps({"version": VERSION, "seed": seed, **asdict(cfg)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def default_cache() -> Path:
-    root = os.environ.get("REBASIN_CACHE")
-    return Path(root) / "demo" if root else Path.home() / ".cache" / "rebasin" / "demo"
-
-
-def build_models(cfg: DemoConfig, data: Data, cache: Path, seed: int, progress: bool = True,
-                 log: Any = print) -> tuple[dict[str, Path], dict[str, float]]:
-    """Train (or load from the cache) A, B, A_ft, B_ft; return their directories and timings."""
-    import torch
-    import transformers
-
-    folder = cache / f"{cfg.hidden}h{cfg.layers}l-seed{seed}-{cache_key(cfg, seed)}"
-    dirs = {name: folder / name for name in ("A", "B", "A_ft", "B_ft")}
+    ``preset`` is the size of :data:`rebasin.toy.PRESETS` ("full" for ``rebasin demo``, "tiny"
+    for the tests). ``progress`` shows training bars; ``log`` gets a line per step of the run.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    bases = {"A": seed, "B": seed + 1}
-    for name, s in bases.items():
-        if (dirs[name] / "config.json").exists():
-            continue
-        t0 = time.perf_counter()
-        torch.manual_seed(s)
-        model = transformers.ViTForImageClassification(cfg.vit_config())
-        train(model, data.x_train, data.y_train, epochs=cfg.base_epochs, lr=cfg.base_lr,
-              wd=cfg.base_wd, batch=cfg.batch, seed=s, desc=f"train base {name} (seed {s})", progress=progress)
-        _save(model, dirs[name], cfg, seed, {"role": f"base {name}", "init_seed": s, "data": "digits"})
-        timings[f"train_{name}"] = time.perf_counter() - t0
-    for name in ("A", "B"):
-        ft = f"{name}_ft"
-        if (dirs[ft] / "config.json").exists():
-            continue
-        t0 = time.perf_counter()
-        model = transformers.ViTForImageClassification.from_pretrained(dirs[name]).eval()
-        train(model, data.xs_train, data.y_train, epochs=cfg.ft_epochs, lr=cfg.ft_lr, wd=0.0, batch=cfg.batch,
-              seed=seed + 1000, desc=f"fine-tune {name} -> {ft} (shifted digits)", progress=progress,
-              schedule=False)
-        _save(model, dirs[ft], cfg, seed, {"role": f"fine-tune of {name}", "data": f"digits rolled {SHIFT} px right"})
-        timings[f"train_{ft}"] = time.perf_counter() - t0
-    if not timings:
-        log(f"models loaded from the cache: {folder}")
-    return dirs, timings
+    output = Path(output)
+
+    from rebasin.toy import KINDS, build_pair_set, recipe
+    from rebasin.toy.cache import cache_root
+    from rebasin.toy.evaluate import evaluate
+    from rebasin.toy.families import hf_config, model_class
+    from rebasin.toy.transfers import run_kind
+
+    r = recipe(FAMILY, preset)
+    root = cache_root(cache)
+    log(f"models: {root} (built on the first run, reused after)")
+    t0 = time.perf_counter()
+    ps = build_pair_set(r, seed, cache=root, progress=progress, log=log)
+    timings["models"] = time.perf_counter() - t0
+    timings.update({f"train {k}": v for k, v in ps.timings.items()})
+
+    evaluated: dict[Path, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    refs = {"A": evaluate(r, ps.A), "A_ft": evaluate(r, ps.A_ft)}
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in KINDS:
+        log(f"{KIND_TEXT[kind]}: match, calibrate, transfer, evaluate")
+        k0 = time.perf_counter()
+        res = run_kind(ps, kind, _methods(), output / "transfers", merges=True, evaluated=evaluated,
+                       options=PROBES.get(preset), log=lambda m: log(f"  {m}"))
+        timings[f"transfers {kind}"] = time.perf_counter() - k0
+        kinds[kind] = {"label": KIND_TEXT[kind], "B": str(ps.B[kind]), "B_ft": str(ps.B_ft[kind]),
+                       "base": res.base, "upper": res.upper, "rows": [_jsonable(row) for row in res.rows],
+                       "merges": res.merges, "match": _match_summary(res.match)}
+    timings["transfers"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    params = sum(p.numel() for p in model_class(r)(hf_config(r)).parameters())
+    results = {
+        "version": VERSION, "seed": seed, "preset": preset, "family": FAMILY, "recipe": r.params(),
+        "params": params, "cache": str(ps.A.parent),
+        "task": {"general": "next character of Python standard-library docstrings (prose), held out by file",
+                 "sub": "next character of Python standard-library code (docstrings and comments removed)",
+                 "metric": "loss, nats per character (lower is better)"},
+        "references": refs, "models": {"A": str(ps.A), "A_ft": str(ps.A_ft)}, "kinds": kinds,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    files = _write_artifacts(output, results)
+    return DemoResult(output, results, files)
 
 
-def _save(model: Any, dest: Path, cfg: DemoConfig, seed: int, meta: dict[str, Any]) -> None:
-    with _atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "rebasin_demo.json").write_text(json.dumps(
-            {"version": VERSION, "seed": seed, "config": asdict(cfg), **meta}, indent=2) + "\n")
+def _match_summary(match: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not match:
+        return None
+    return {k: match[k] for k in ("objective_identity", "objective", "sweeps", "solver", "seconds") if k in match}
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate(model_dir: Path, data: Data) -> dict[str, float]:
-    """Test accuracy on the shifted images (the sub-task) and the original ones."""
-    import torch
-    import transformers
-
-    model = transformers.ViTForImageClassification.from_pretrained(model_dir).eval()
-    out = {}
-    with torch.no_grad():
-        for key, x in (("sub", data.xs_test), ("orig", data.x_test)):
-            out[key] = float((model(pixel_values=x).logits.argmax(-1) == data.y_test).float().mean())
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    cal = out.get("calibration")
+    if cal:
+        out["calibration"] = {k: cal.get(k) for k in ("alpha", "alphas", "kl_base", "kl_chosen", "kl_at_one",
+                                                      "reduction", "curve", "verdict", "line", "seconds")}
     return out
 
 
-# --------------------------------------------------------------------------- pipeline
+# --------------------------------------------------------------------------- rendering
 
 
-def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed: int = 0, *,
-                      quick: bool = False, config: DemoConfig | None = None, progress: bool = True,
-                      log: Any = print) -> DemoResult:
-    """Build/load the models, transfer in both modes, evaluate, and write the artifacts."""
-    import torch
-    import transformers
-
-    from rebasin.transfer import transfer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()
-    with contextlib.suppress(Exception):
-        transformers.utils.logging.disable_progress_bar()
-    cfg = config or (QUICK if quick else FULL)
-    output = Path(output)
-    cache = Path(cache) if cache is not None else default_cache()
-    t_start = time.perf_counter()
-    torch.manual_seed(seed)
-    data = load_data(cfg)
-    dirs, timings = build_models(cfg, data, cache, seed, progress=progress, log=log)
-
-    output.mkdir(parents=True, exist_ok=True)
-    tdir = output / "transfers"
-    transfers: dict[str, dict[str, Any]] = {}
-    perms_file: Path | None = None
-    match_info: dict[str, Any] | None = None
-    for mode in ("rebasin", "diff"):
-        for alpha in sorted(cfg.alphas, key=lambda a: (a != 1.0, a)):  # α = 1 first: it runs the match
-            name = f"{mode}-a{alpha:g}"
-            t0 = time.perf_counter()
-            res = transfer(old_base=dirs["A"], finetuned=dirs["A_ft"], new_base=dirs["B"], output=tdir / name,
-                           mode=mode, alpha=alpha, overwrite=True, progress=progress,
-                           perms=perms_file if mode == "rebasin" else None)
-            timings[f"transfer_{name}"] = time.perf_counter() - t0
-            if mode == "rebasin" and perms_file is None:
-                perms_file = Path(res.output) / "permutations.safetensors"
-                m = res.report.get("match") or {}
-                match_info = {k: m.get(k) for k in ("objective_identity", "objective", "sweeps", "solver")
-                              if k in m}
-            transfers[name] = {"mode": mode, "alpha": alpha, "dir": Path(res.output)}
-
-    # Alignment check: weight averaging of the two bases, without and with π (git-re-basin's
-    # classic test: a midpoint of unaligned models breaks, a midpoint of aligned ones works).
-    from rebasin.apply import apply_checkpoint
-    from rebasin.model import open_model
-    from rebasin.permutation import load_perms
-
-    t0 = time.perf_counter()
-    aligned = apply_checkpoint(open_model(dirs["A"]), load_perms(perms_file)[0], tdir / "A-aligned",
-                               overwrite=True, progress=False)
-    merges = {}
-    for name, src in (("merge-identity", dirs["A"]), ("merge-aligned", aligned)):
-        merges[name] = transfer(old_base=dirs["B"], finetuned=src, new_base=dirs["B"], output=tdir / name,
-                                mode="diff", alpha=0.5, overwrite=True, progress=False).output
-    timings["merges"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-
-    def add(label: str, kind: str, path: Path, mode: str | None = None, alpha: float | None = None) -> None:
-        rows.append({"model": label, "kind": kind, "mode": mode, "alpha": alpha, "path": str(path),
-                     "accuracy": evaluate(path, data)})
-
-    add("B (new base)", "base", dirs["B"])
-    for a in sorted(cfg.alphas):
-        add(f"B + {a:g}·(A_ft − A)   [diff]", "transfer", transfers[f"diff-a{a:g}"]["dir"], "diff", a)
-    for a in sorted(cfg.alphas):
-        add(f"B + {a:g}·π(A_ft − A)  [rebasin]", "transfer", transfers[f"rebasin-a{a:g}"]["dir"], "rebasin", a)
-    add("B_ft (upper bound)", "reference", dirs["B_ft"])
-    add("A (old base)", "reference", dirs["A"])
-    add("A_ft (the fine-tune)", "reference", dirs["A_ft"])
-    add("½(A + B)     [merge, no π]", "alignment", merges["merge-identity"])
-    add("½(π(A) + B)  [merge, aligned]", "alignment", merges["merge-aligned"])
-    timings["evaluate"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-
-    results = {
-        "version": VERSION, "seed": seed, "quick": quick, "config": asdict(cfg), "cache": str(dirs["A"].parent),
-        "task": {"bases": f"digits (A: seed {seed}, B: seed {seed + 1}, trained independently)",
-                 "fine_tune": f"digits rolled {SHIFT} pixel(s) to the right (domain shift)",
-                 "columns": {"sub": f"test accuracy on the shifted test images ({len(data.y_test)}) - the sub-task",
-                             "orig": f"test accuracy on the original test images ({len(data.y_test)})"}},
-        "match": match_info, "rows": rows, "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "params": sum(p.numel() for p in transformers.ViTForImageClassification(cfg.vit_config()).parameters()),
-    }
-    files = _write_artifacts(output, results)
-    return DemoResult(output, rows, results, files)
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
 
 
-def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    head = ("model", "shifted (sub-task)", "original")
-    body = [(r["model"], *(f"{100 * r['accuracy'][k]:.1f}%" for k in ("sub", "orig"))) for r in rows]
+def _label(row: dict[str, Any]) -> str:
+    formula = "B + α·π(A_ft − A)" if row["mode"] == "rebasin" else "B + α·(A_ft − A)"
+    if isinstance(row["alpha_requested"], str):
+        alpha = f"α = {row['alpha']:.2f} ({row['alpha_requested']})" if "alpha" in row else row["alpha_requested"]
+    else:
+        alpha = f"α = {row['alpha_requested']:g}"
+    return f"{row['mode']:<8}{formula}, {alpha}"
+
+
+def kind_table(kind: dict[str, Any], markdown: bool = False) -> list[str]:
+    """The table of one kind of new base: one line per model, columns code / gain / prose."""
+    lines: list[tuple[str, str, str, str]] = [("B (new base)", f"{kind['base']['sub']:.3f}", "0%",
+                                               f"{kind['base']['general']:.3f}")]
+    for row in kind["rows"]:
+        if "error" in row:
+            lines.append((_label(row), "failed", "", row["error"][:60]))
+            continue
+        lines.append((_label(row), f"{row['metrics']['sub']:.3f}", _pct(row["recovered"]),
+                      f"{row['metrics']['general']:.3f}"))
+    lines.append(("B_ft (B fine-tuned on code: the target)", f"{kind['upper']['sub']:.3f}", "100%",
+                  f"{kind['upper']['general']:.3f}"))
+    for key, name in (("plain", "½(A + B)      merge, no π"), ("aligned", "½(π(A) + B)   merge, aligned")):
+        if key in kind["merges"]:
+            lines.append((name, "", "", f"{kind['merges'][key]:.3f}"))
+    head = ("model", "code loss", "gain", "prose loss")
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 2) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
-        return "\n".join(lines)
-    w = [max(len(str(r[i])) for r in (head, *body)) for i in range(3)]
-    fmt = lambda r: "  ".join(str(c).ljust(w[0]) if i == 0 else str(c).rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
-    return "\n".join([fmt(head), "  ".join("-" * x for x in w), *map(fmt, body)])
+        out = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines]
+        return out
+    w = max(len(x[0]) for x in [head, *lines])
+    return [f"  {a:<{w}}  {b:>9}  {c:>5}  {d:>10}" for a, b, c, d in [head, *lines]]
+
+
+def verdict_lines(kind: dict[str, Any]) -> list[str]:
+    """The calibration's verdict per calibrated method, and the lineage line of the matching."""
+    out = []
+    for row in kind["rows"]:
+        cal = row.get("calibration")
+        if cal:
+            out.append(f"{row['mode']} auto: {cal['line']}")
+    lineage = next((row["lineage"] for row in kind["rows"] if row.get("lineage")), None)
+    if lineage:
+        out.append(f"lineage: {lineage}")
+    return out
+
+
+def format_demo(result: DemoResult | dict[str, Any]) -> str:
+    """The demo's report as plain text: the setup, one table per kind of new base, verdicts, files."""
+    res = result.results if isinstance(result, DemoResult) else result
+    r, refs = res["recipe"], res["references"]
+    lines = [
+        f"Llama-style decoder ({r['layers']} layers, hidden {r['hidden']}, {r['heads']} heads / {r['kv_heads']} KV "
+        f"heads, RoPE; {res['params']:,} parameters), character level, trained here on the Python standard "
+        "library: bases on docstrings (prose), the fine-tune on code.",
+        f"A (old base): code {refs['A']['sub']:.3f}, prose {refs['A']['general']:.3f}   ->   A_ft (A fine-tuned on "
+        f"code): code {refs['A_ft']['sub']:.3f}, prose {refs['A_ft']['general']:.3f}   "
+        "[held-out loss, nats/char, lower is better]",
+        "gain = share of B_ft's improvement on code that the transfer reaches (100% = as good as fine-tuning B).",
+    ]
+    for kind in res["kinds"].values():
+        lines += ["", kind["label"], *kind_table(kind), *(f"  {v}" for v in verdict_lines(kind))]
+    if isinstance(result, DemoResult) and result.files:
+        lines += ["", f"wrote {', '.join(str(result.output / f) for f in result.files)} and the models in "
+                      f"{result.output / 'transfers'}; {res['timings_s']['total']:.0f} s"]
+    return "\n".join(lines)
 
 
 def _write_artifacts(output: Path, results: dict[str, Any]) -> list[str]:
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plotted = _plot(output / "results.png", results["rows"])
-    cfg, m = results["config"], results.get("match") or {}
-    md = [
-        "# rebasin demo", "",
-        f"Two tiny ViTs (hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, "
-        f"{results['params']:,} parameters) trained independently on scikit-learn digits "
-        f"(A: seed {results['seed']}, B: seed {results['seed'] + 1}); A_ft = A fine-tuned "
-        f"({cfg['ft_epochs']} epochs, lr {cfg['ft_lr']:g}) on the digits shifted {SHIFT} pixel right, "
-        "a domain shift both bases do poorly on; B_ft = B fine-tuned the same way (the upper bound).",
-        "The fine-tune is moved to B in diff mode, B + α(A_ft − A), and rebasin mode, B + α·π(A_ft − A).",
-        "Test accuracy (measured by this run):", "",
-        format_table(results["rows"], markdown=True), "",
-    ]
-    if m:
-        md.append(f"Weight matching A → B: alignment objective {m.get('objective_identity', float('nan')):.6g} "
-                  f"(identity) → {m.get('objective', float('nan')):.6g} (matched).")
-        md.append("")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    plotted = _plot(output / "results.png", results)
+    r = results["recipe"]
+    md = ["# rebasin demo", "",
+          f"Llama-style decoders ({r['layers']} layers, hidden {r['hidden']}, {r['heads']} heads / {r['kv_heads']} "
+          f"KV heads, RoPE, {results['params']:,} parameters) trained at the character level on the Python "
+          "standard library: the bases on docstrings (prose), the fine-tune A_ft on code. Held-out loss in "
+          "nats per character (lower is better); *gain* is the share of B_ft's improvement on code the "
+          "transfer reaches.", "",
+          f"A: code {results['references']['A']['sub']:.3f}, prose {results['references']['A']['general']:.3f}; "
+          f"A_ft: code {results['references']['A_ft']['sub']:.3f}, prose "
+          f"{results['references']['A_ft']['general']:.3f}.", ""]
+    for kind in results["kinds"].values():
+        md += [f"## {kind['label']}", "", *kind_table(kind, markdown=True), ""]
+        md += [f"- {v}" for v in verdict_lines(kind)] + [""]
     if plotted:
-        md += ["![accuracies](results.png)", ""]
+        md += ["![results](results.png)", ""]
     md.append("Timings (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items()))
     (output / "results.md").write_text("\n".join(md) + "\n")
     return ["results.json", "results.md"] + (["results.png"] if plotted else [])
 
 
-def _plot(path: Path, rows: list[dict[str, Any]]) -> bool:
+def _plot(path: Path, results: dict[str, Any]) -> bool:
+    """Left: gain recovered per kind and method; right: prose loss of B and of the two merges."""
     try:
         import matplotlib
 
@@ -389,41 +243,56 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> bool:
         return False
     import numpy as np
 
-    labels = [r["model"].replace("   [", "\n[").replace("  [", "\n[") for r in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 1.35 * len(rows)), 4.6))
-    for j, (key, name) in enumerate((("sub", "shifted digits (sub-task)"), ("orig", "original digits"))):
-        vals = [100 * r["accuracy"][key] for r in rows]
-        bars = ax.bar(x + (j - 0.5) * 0.38, vals, 0.38, label=name, color=("#d62728", "#7f7f7f")[j])
-        for b, v in zip(bars, vals, strict=True):
-            ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 110)
-    ax.set_title("Moving a fine-tune (shifted digits) from base A to an independently trained base B")
-    ax.legend(loc="upper center", fontsize=8, ncol=2)
+    kinds = list(results["kinds"].values())
+    names = [row["method"] for row in kinds[0]["rows"]]
+    x = np.arange(len(kinds))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(names))
+    colors = {"diff α=1": "#aec7e8", "rebasin α=1": "#ffbb78", "diff auto": "#1f77b4", "rebasin auto": "#ff7f0e"}
+    for j, name in enumerate(names):
+        vals = []
+        for kind in kinds:
+            row = next((r for r in kind["rows"] if r["method"] == name), None)
+            vals.append(100 * row["recovered"] if row and row.get("recovered") is not None else np.nan)
+        bars = ax.bar(x + (j - (len(names) - 1) / 2) * width, vals, width, label=name, color=colors.get(name))
+        for bar, v in zip(bars, vals, strict=True):
+            if np.isfinite(v):
+                ax.text(bar.get_x() + bar.get_width() / 2, max(v, 0) + 2, f"{v:.0f}", ha="center", fontsize=7)
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, [k["label"].split(":")[0] for k in kinds])
+    ax.set_ylabel("gain on code recovered (% of B_ft's)")
+    ax.set_title("Fine-tune moved onto B (100% = fine-tuning B itself)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    for j, (key, name, color) in enumerate((("base", "B", "#7f7f7f"), ("plain", "½(A+B)", "#d62728"),
+                                            ("aligned", "½(π(A)+B)", "#2ca02c"))):
+        vals = [k["base"]["general"] if key == "base" else k["merges"].get(key, np.nan) for k in kinds]
+        bx.bar(x + (j - 1) * 0.27, vals, 0.27, label=name, color=color)
+    bx.set_xticks(x, [k["label"].split(":")[0] for k in kinds])
+    bx.set_ylabel("prose loss (nats/char), lower is better")
+    bx.set_title("Weight averaging with B: without and with π", fontsize=9)
+    bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Entry point of ``rebasin demo``; ``REBASIN_DEMO_QUICK=1`` runs the reduced size."""
+    """Entry point of ``rebasin demo``: run the pipeline, print :func:`format_demo`. ``REBASIN_DEMO_QUICK=1``: tiny."""
+    print("rebasin demo: builds small decoders (first run only, ~2 min on 2 cores), then matches, calibrates, "
+          "transfers and evaluates", flush=True)
+    import torch
+
+    from rebasin.toy.train import pick_threads
+
+    torch.set_num_threads(pick_threads())
     quick = os.environ.get("REBASIN_DEMO_QUICK", "") not in ("", "0")
-    res = run_demo_pipeline(args.output, getattr(args, "cache", None), getattr(args, "seed", 0), quick=quick)
-    r = res.results
+    res = run_demo_pipeline(args.output, getattr(args, "cache", None), getattr(args, "seed", 0),
+                            preset="tiny" if quick else "full", log=lambda m: print(m, flush=True))
     print()
-    print("Bases A, B: independent seeds; A_ft: A fine-tuned on shifted digits. Test accuracy:")
-    print(format_table(res.rows))
-    if r.get("match"):
-        m = r["match"]
-        print(f"\nweight matching A -> B: objective {m.get('objective_identity', float('nan')):.6g} (identity) -> "
-              f"{m.get('objective', float('nan')):.6g} (matched)")
-    print(f"\nwrote {', '.join(str(res.output / f) for f in res.files)} (transferred models in "
-          f"{res.output / 'transfers'}); total {r['timings_s']['total']:.0f} s")
+    print(format_demo(res))
     return 0
 
 
-__all__ = ["FULL", "QUICK", "DemoConfig", "DemoResult", "build_models", "evaluate", "format_table", "load_data",
-           "run_demo", "run_demo_pipeline"]
+__all__ = ["DemoResult", "format_demo", "kind_table", "run_demo", "run_demo_pipeline", "verdict_lines"]

@@ -1,8 +1,9 @@
-"""PEFT LoRA adapters: each low-rank pair permuted as (P_out·B_lora, A_lora·P_inᵀ).
+"""PEFT LoRA adapters: each low-rank pair mapped as (T_out·B_lora, A_lora·T_inᵀ).
 
-With ΔW = s·B_lora A_lora (out × in), π(ΔW) = (B_lora gathered on its rows by the out axis
-index)·(A_lora gathered on its columns by the in axis index): the rank is unchanged and
-the adapter stays an adapter.
+With ΔW = s·B_lora A_lora (out × in), π acts on ΔW's out axis by ``T_out`` and on its in axis
+by ``T_in`` (a gather, then any rotation of the axis's head blocks; both linear), so
+π(ΔW) = (T_out B_lora)(A_lora T_inᵀ): B_lora's rows take the out axis's map and A_lora's
+columns the in axis's map. The rank is unchanged and the adapter stays an adapter.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from rebasin.errors import ArchitectureError, InputFileError
 from rebasin.io.jsonfile import read_json
-from rebasin.permutation import axis_index
+from rebasin.permutation import apply_axis
 from rebasin.specs import Spec
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -69,11 +70,10 @@ def lora_site(name: str, spec: Spec, fan_in_fan_out: bool, *, where: object) -> 
 
 def permute_lora(name: str, tensor: torch.Tensor, spec: Spec, perms: Mapping[str, torch.Tensor],
                  fan_in_fan_out: bool, *, where: object) -> torch.Tensor:
-    """B_lora (out, r): rows gathered by the out axis; A_lora (r, in): columns by the in axis."""
+    """B_lora (out, r): rows mapped as the out axis; A_lora (r, in): columns as the in axis."""
     site, which = lora_site(name, spec, fan_in_fan_out, where=where)
     refs = spec.axes[site.weight]
     ref = refs[site.out_axis] if which == "B" else refs[site.in_axis]
     if ref is None:
         return tensor
-    idx = axis_index(spec, perms, ref).to(tensor.device)
-    return tensor.index_select(0 if which == "B" else 1, idx)
+    return apply_axis(spec, perms, ref, tensor, 0 if which == "B" else 1)

@@ -46,6 +46,9 @@ def open_model(path: str | Path, *, family: str | None = None, config: str | Pat
     elif not ckpt.config and ckpt.path.is_file() and (ckpt.path.parent / "config.json").is_file():
         ckpt.config = read_json(ckpt.path.parent / "config.json", what="model config")
     if not ckpt.config:
+        if ckpt.directory is not None:
+            raise ArchitectureError("no config.json in this model directory: the architecture and its sizes are "
+                                    "read from it (or pass --arch FAMILY --config config.json)", file=path)
         if family is None:
             raise ArchitectureError("a bare .safetensors file needs --arch FAMILY and --config config.json", file=path)
         raise ArchitectureError(f"family '{family}' needs the model's sizes: pass --config config.json", file=path)

@@ -5,12 +5,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+REPORT_FILES = ("report.json", "report.md", "alignment.png", "alpha.png")
+
 
 def write_report(directory: Path, report: dict[str, Any]) -> list[str]:
-    """Write report.json, report.md and (when matplotlib is installed) alignment.png."""
+    """Write report.json, report.md and (when matplotlib is installed) alignment.png — from the
+    match, or from the given permutations (``alignment``) — and alpha.png."""
     written = ["report.json", "report.md"]
     (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    plot = plot_alignment(directory / "alignment.png", (report.get("match") or {}).get("groups", []))
+    plot = plot_alignment(directory / "alignment.png",
+                          (report.get("match") or report.get("alignment") or {}).get("groups", []))
     if plot:
         written.append("alignment.png")
     if report.get("calibration") and plot_alpha(directory / "alpha.png", report["calibration"]):
@@ -24,9 +28,10 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
              f"- family: {report['family']}", f"- old base (A): `{report['old_base']}`",
              f"- fine-tune (A_ft): `{report['finetuned']}`" + (" (LoRA adapter)" if report.get("adapter") else ""),
              f"- new base (B): `{report['new_base']}`",
-             f"- tensors: {report['tensors']['with_delta']} received the task vector, "
-             f"{report['tensors']['copied_from_b']} copied from B",
+             f"- tensors: {tensor_counts(report['tensors'], report.get('adapter'))}",
              f"- task vector norm ‖A_ft − A‖: {report['task_vector_norm']:.6g}"]
+    if report.get("files_from_b"):
+        lines.append(f"- files copied from B: {', '.join(f'`{f}`' for f in report['files_from_b'])}")
     if report.get("vocab"):
         v = report["vocab"]
         lines.append(f"- vocabulary: A {v['vocab_a']} rows, B {v['vocab_b']} rows; {v['shared_rows']} shared rows got "
@@ -49,50 +54,90 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
         lines += ["", "![divergence from the fine-tune against α](alpha.png)"]
     if report.get("lineage"):
         lines += ["", report["lineage"]]
-    m = report.get("match")
+    m = report.get("match") or report.get("alignment")
     if m:
+        how = (f"matched {m['objective']:.6g} ({m['sweeps']} sweeps, "
+               f"{'converged' if m['converged'] else 'not converged'})" if report.get("match")
+               else f"given π {m['objective']:.6g} (permutations from `{m['perms']}`, no matching)")
         lines += ["", "## Alignment of A to B", "",
-                  f"objective Σ⟨B, π(A)⟩: identity {m['objective_identity']:.6g} → matched {m['objective']:.6g} "
-                  f"({m['sweeps']} sweeps, {'converged' if m['converged'] else 'not converged'})", ""]
+                  f"objective Σ⟨B, π(A)⟩: identity {m['objective_identity']:.6g} → {how}", ""]
         if plot:
             lines += ["![per-layer alignment](alignment.png)", ""]
-        lines += ["| group | kind | size | moved | cos before | cos after |", "|---|---|---:|---:|---:|---:|"]
+        rotated = any(g.get("rotation") for g in m["groups"])  # within-head orthogonal maps (--symmetries full)
+        lines += ["| group | kind | size | moved | cos before | cos after |" + (" rotation |" if rotated else ""),
+                  "|---|---|---:|---:|---:|---:|" + ("---:|" if rotated else "")]
         for g in m["groups"]:
             lines.append(f"| {g['name']} | {g['kind']} | {g['size']} | {g['moved']:.1%} | {g['cos_before']:.4f} | "
-                         f"{g['cos_after']:.4f} |")
+                         f"{g['cos_after']:.4f} |" + (f" {g.get('rotation', 0.0):.3f} |" if rotated else ""))
     return "\n".join(lines) + "\n"
 
 
-def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
-    """Per-layer cosine similarity of A's units to B's before and after π, one panel per group template.
+def tensor_counts(t: dict[str, int], adapter: bool = False) -> str:
+    """``5 changed by the task vector, 98 unchanged (…), 2 copied from B`` — honest counts."""
+    if adapter:
+        return f"{t['changed']} adapter tensors written"
+    parts = [f"{t['changed']} changed by the task vector"]
+    if t.get("unchanged"):
+        parts.append(f"{t['unchanged']} unchanged (zero task vector there, or below the output dtype's precision)")
+    parts.append(f"{t['copied_from_b']} copied from B")
+    return ", ".join(parts)
 
-    ``groups``: the ``groups`` of :meth:`MatchResult.to_dict`; global groups (``layer`` None)
-    are not plotted. Returns False when matplotlib is missing or nothing is per-layer.
+
+def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
+    """Per-layer cosine similarity of A's units to B's before and after π, one panel per group
+    template, plus one panel for the global groups (residual streams, ALBERT's embedding).
+
+    ``groups``: the ``groups`` of :meth:`MatchResult.to_dict` (or of
+    :func:`rebasin.alignment.alignment_stats`). Layers are integer ticks; the y-axis is the
+    cosine scale, 0 to 1 (extended below 0 only for a negative value), never auto-zoomed, so
+    a rise from 0 to 0.013 looks as small as it is. Returns False when matplotlib is missing
+    or there are no groups.
     """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     series: dict[str, list[tuple[int, float, float]]] = {}
+    global_groups: list[tuple[str, float, float]] = []
     for g in groups:
         if g.get("layer") is not None:
             series.setdefault(g["template"], []).append((g["layer"], g["cos_before"], g["cos_after"]))
-    if not series:
+        else:
+            global_groups.append((g["name"], g["cos_before"], g["cos_after"]))
+    if not series and not global_groups:
         return False
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.4), squeeze=False)
-    for ax, (template, points) in zip(axes[0], sorted(series.items()), strict=True):
+    values = [v for g in groups for v in (g["cos_before"], g["cos_after"]) if v == v]
+    lowest = min(values, default=0.0)
+    bottom = 0.0 if lowest >= 0 else lowest - 0.05
+    panels = len(series) + (1 if global_groups else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    axes = list(axes[0])
+    for ax, (template, points) in zip(axes, sorted(series.items()), strict=False):
         points.sort()
         xs = [p[0] for p in points]
         ax.plot(xs, [p[1] for p in points], "o-", label="before (identity)", color="#999999")
         ax.plot(xs, [p[2] for p in points], "o-", label="after π", color="#d62728")
         ax.set_title(template)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(xs) == 1:
+            ax.set_xticks(xs)
+    if global_groups:
+        ax = axes[-1]
+        xs = range(len(global_groups))
+        ax.bar([x - 0.2 for x in xs], [g[1] for g in global_groups], 0.4, label="before (identity)", color="#999999")
+        ax.bar([x + 0.2 for x in xs], [g[2] for g in global_groups], 0.4, label="after π", color="#d62728")
+        ax.set_xticks(list(xs), [g[0] for g in global_groups])
+        ax.set_title("global groups")
+    for ax in axes:
+        ax.set_ylim(bottom, 1.0)
         ax.set_ylabel("mean cosine, A vs B units")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    axes[0].legend(fontsize=8)
     fig.suptitle("Alignment of the old base to the new base")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rebasin.io.writer import DEFAULT_SHARD_BYTES
 from rebasin.model import Model
+from rebasin.symmetry import kind_of
 
 
 def human_bytes(n: float) -> str:
@@ -15,23 +15,31 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def memory_estimate(model: Model, compute_bytes: int = 4) -> dict[str, int]:
-    """Peak memory of a match and of a transfer, in bytes (see docs of each job).
+def memory_estimate(model: Model, device: str = "cpu", world: int = 1) -> dict[str, Any]:
+    """Predicted peak RSS (bytes) and time (seconds) of each job on a pair of checkpoints shaped
+    like ``model`` (:mod:`rebasin.estimate`: a model of what the code allocates, with measured
+    constants; the GEMM rate is measured on this machine in ~0.1 s).
 
-    match: both models' permuted tensors held in the compute dtype, plus the largest
-    cost matrix (float32) and its solver workspace (float64 copy).
-    transfer: four tensors in flight (A, A_ft, B, result; float32) plus one output shard;
-    rebasin mode adds the match.
+    ``match`` streams (reads each tensor when a step needs it); ``match_cached`` keeps both
+    models' permuted tensors after their first read, which ``match`` does when that fits the
+    budget. Times: a match's first sweep (later sweeps re-evaluate only what changed; planted
+    and same-lineage pairs converge in 2), a transfer's or apply's write.
     """
+    import torch
+
+    from rebasin.estimate import available_bytes, estimate_apply, estimate_match, estimate_write
+
     ck, spec = model.checkpoint, model.spec
-    permuted = sum(ck.tensors[t].numel for t in spec.permuted_tensors())
-    largest_group = max((g.size if not g.is_attention else g.n_kv_heads for g in spec.groups.values()), default=0)
-    cost = largest_group * largest_group * (4 + 8)
-    largest_tensor = max((info.numel for info in ck.tensors.values()), default=0)
-    shard = min(ck.nbytes(), DEFAULT_SHARD_BYTES)
-    transfer = 4 * largest_tensor * 4 + shard
-    match = 2 * permuted * compute_bytes + cost
-    return {"match": match, "transfer_diff": transfer, "transfer_rebasin": transfer + match, "output_disk": ck.nbytes()}
+    m = estimate_match(spec, model, model, torch.device(device), world)
+    diff = estimate_write(model, model, rebasin=False)
+    write = estimate_write(model, model, rebasin=True)
+    apply = estimate_apply(model)
+    return {"match": m.streaming, "match_cached": m.cached, "match_seconds_per_sweep": m.seconds_first_sweep,
+            "match_seconds": m.seconds(2), "match_tflop_per_sweep": m.flops_sweep / 1e12,
+            "transfer_diff": diff.peak, "transfer_diff_seconds": diff.seconds,
+            "transfer_rebasin": max(m.streaming, write.peak), "transfer_rebasin_seconds": m.seconds(2) + write.seconds,
+            "apply": apply.peak, "apply_seconds": apply.seconds,
+            "output_disk": ck.nbytes(), "available": available_bytes()}
 
 
 def summarize(model: Model) -> dict[str, Any]:
@@ -41,10 +49,11 @@ def summarize(model: Model) -> dict[str, Any]:
         dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
     templates: dict[str, dict[str, Any]] = {}
     for g in spec.groups.values():
-        t = templates.setdefault(g.template, {"count": 0, "kind": g.kind, "size": g.size})
+        t = templates.setdefault(g.template, {"count": 0, "kind": g.kind, "size": g.size, "fixed": g.fixed})
         t["count"] += 1
         if g.is_attention:
-            t.update(n_heads=g.n_heads, n_kv_heads=g.n_kv_heads, d_head=g.d_head, rope=g.rope, qk_shared=g.qk_shared)
+            t.update(n_heads=g.n_heads, n_kv_heads=g.n_kv_heads, d_head=g.d_head, rope=g.rope, qk_shared=g.qk_shared,
+                     rope_layout=g.rope_layout if g.rope else None, rotations=kind_of(g).describe(g))
     return {
         "path": str(ck.path),
         "family": spec.family,
@@ -59,6 +68,8 @@ def summarize(model: Model) -> dict[str, Any]:
         "dtypes": dtypes,
         "groups": templates,
         "n_groups": len(spec.groups),
+        "headless": spec.headless,
+        "fixed_groups": spec.fixed_groups,
         "memory": memory_estimate(model),
     }
 
@@ -75,16 +86,36 @@ def format_summary(s: dict[str, Any]) -> str:
     for name, g in s["groups"].items():
         if g["kind"] == "attention":
             extra = (f"heads={g['n_heads']} kv_heads={g['n_kv_heads']} d_head={g['d_head']}"
-                     + (" rope" if g["rope"] else "") + (" qk_shared" if g["qk_shared"] else ""))
+                     + (f" rope ({g.get('rope_layout') or 'half'})" if g["rope"] else "")
+                     + (" qk_shared" if g["qk_shared"] else ""))
+            rot = g.get("rotations") or {}
+            if rot:
+                extra += f"; rotations (--symmetries full): V/O {rot['vo_rot']}, Q/K {rot['qk_rot']}"
         else:
             extra = f"size={g['size']}"
+        if g.get("fixed"):
+            extra += "  fixed: identity (headless)"
         lines.append(f"  {name:<28} x{g['count']:<4} {g['kind']:<9} {extra}")
+    if s.get("headless"):
+        lines += [f"headless    {s['headless']}",
+                  f"            {', '.join(s['fixed_groups'])} stays the identity (permuting it would permute the "
+                  "output features):",
+                  "            match and apply move only the other groups; transfer still aligns it (its output is in "
+                  "the new base's basis)"]
     m = s["memory"]
     lines += [
-        "memory (peak, estimated)",
-        f"  match              {human_bytes(m['match'])}",
-        f"  transfer (diff)    {human_bytes(m['transfer_diff'])}",
-        f"  transfer (rebasin) {human_bytes(m['transfer_rebasin'])}",
-        f"  output on disk     {human_bytes(m['output_disk'])}",
+        "memory and time (predicted: peak RSS; time on this machine)",
+        f"  match (streaming)  {human_bytes(m['match']):>10}   ~{m['match_seconds']:.0f} s for 2 sweeps "
+        f"({m['match_seconds_per_sweep']:.0f} s per sweep, {m['match_tflop_per_sweep']:.2f} TFLOP)",
+        f"  match (cached)     {human_bytes(m['match_cached']):>10}   used when it fits the budget (--memory)",
+        f"  transfer (diff)    {human_bytes(m['transfer_diff']):>10}   ~{m['transfer_diff_seconds']:.0f} s",
+        f"  transfer (rebasin) {human_bytes(m['transfer_rebasin']):>10}   ~{m['transfer_rebasin_seconds']:.0f} s",
+        f"  apply              {human_bytes(m['apply']):>10}   ~{m['apply_seconds']:.0f} s",
+        f"  output on disk     {human_bytes(m['output_disk']):>10}",
+        f"  available now      {human_bytes(m['available']):>10}",
     ]
+    over = [job for job in ("match", "transfer_diff", "transfer_rebasin", "apply") if m[job] > m["available"]]
+    if over:
+        lines.append(f"  warning: {', '.join(over)} would need more than the memory available now "
+                     "(refused with exit 7 unless --memory allows it; see docs/scale.md for several processes)")
     return "\n".join(lines)

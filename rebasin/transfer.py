@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,19 @@ import torch
 from tqdm.auto import tqdm
 
 from rebasin.compat import check_same_architecture
+from rebasin.distributed import is_main_process
 from rebasin.errors import IncompatibleInputsError, RebasinError, RefusedError
+from rebasin.estimate import estimate_match, estimate_write, human
+from rebasin.io.checkpoint import DTYPES as CK_DTYPES
 from rebasin.io.checkpoint import open_checkpoint
 from rebasin.io.perms_file import load_perms, save_perms
-from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files, ensure_output_free
+from rebasin.io.stream_writer import Planned, StreamingCheckpointWriter
+from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files, copy_model_files, ensure_output_free
 from rebasin.lora import ADAPTER_CONFIG, is_adapter_dir, lora_site, permute_lora, read_adapter_config
 from rebasin.model import Model, open_model
-from rebasin.permutation import identity, permute_tensor, validate
-from rebasin.report import write_report
-from rebasin.summary import human_bytes, memory_estimate
+from rebasin.permutation import identity, permute_tensor, restrict, validate
+from rebasin.report import REPORT_FILES, write_report
+from rebasin.streaming import check_finite_chunk, permuted_rows, row_chunks
 from rebasin.vocab import VocabMap, vocab_map
 
 ALPHA_MODES = ("auto", "auto-layer")
@@ -86,14 +92,47 @@ def _have_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+def memory_plan(a: Model, b: Model, mode: str, adapter: bool, perms_file: str | None, device: str = "auto",
+                memory: float | None = None) -> dict[str, Any]:
+    """Predicted peak RSS and time of this transfer (:mod:`rebasin.estimate`), the memory mode the
+    match will use (streaming or cached) and whether it fits the budget."""
+    from rebasin.estimate import budget_bytes
+    from rebasin.matching.api import resolve_device
+
+    budget, how = budget_bytes(memory)
+    write = estimate_write(a, b, mode == "rebasin", [n for n in a.spec.shapes
+                                                     if n in b.spec.shapes and a.spec.shapes[n] != b.spec.shapes[n]])
+    peak, seconds, mem_mode, detail = write.peak, write.seconds, "streaming", "writes shard by shard"
+    if adapter:
+        peak, seconds = write.parts["base"], 1.0
+    if mode == "rebasin" and not perms_file:
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        spec = replace(a.spec, axes={n: ax for n, ax in a.spec.axes.items()
+                                     if n in b.spec.shapes and a.spec.shapes[n] == b.spec.shapes[n]})
+        est = estimate_match(spec, a, b, resolve_device(device), world)
+        mem_mode = "cached" if est.cached <= budget else "streaming"
+        peak = max(peak, est.peak(mem_mode))
+        seconds += est.seconds(2)
+        detail = (f"match {mem_mode}: {human(est.peak(mem_mode))} (cached would need {human(est.cached)}, "
+                  f"streaming {human(est.streaming)}); ~{est.seconds_first_sweep:.0f} s per sweep"
+                  + (f" on {world} ranks" if world > 1 else ""))
+    fits = peak <= budget
+    line = (f"{human(peak)} predicted ({detail}); budget {human(budget)} ({how})"
+            + ("" if fits else " — exceeds the budget: the run would be refused (exit 7)"))
+    return {"peak_bytes": peak, "budget_bytes": budget, "budget_from": how, "memory_mode": mem_mode, "fits": fits,
+            "seconds": seconds, "line": line}
+
+
 def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: str | None,
-         alpha: float | str) -> dict[str, Any]:
-    mem = memory_estimate(a)
+         alpha: float | str, *, device: str = "auto", memory: float | None = None) -> dict[str, Any]:
+    mem = memory_plan(a, b, mode, adapter, perms_file, device, memory)
     files = ([ADAPTER_CONFIG, "adapter_model.safetensors"] if adapter else ["model.safetensors (sharded + index "
-             "when over the shard limit)"]) + ["config/tokenizer/generation files from B", "report.json",
-                                              "report.md", "alignment.png"]
+             "when over the shard limit)"]) + [("tokenizer files from B" if adapter else
+                                                "every non-weight file of B's directory (config, tokenizer, ...)"),
+                                               "report.json", "report.md"]
     if mode == "rebasin":
         files.insert(1, PERMS_FILE)
+        files.append("alignment.png")
     if isinstance(alpha, str):
         files.append("alpha.png")
     return {
@@ -102,9 +141,11 @@ def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: 
         "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, A and B as modules)"
                   if isinstance(alpha, str) else f"{alpha:g}"),
         "files": files,
-        "peak_memory": human_bytes(mem["transfer_rebasin" if mode == "rebasin" and not perms_file
-                                       else "transfer_diff"]),
-        "disk": human_bytes(b.checkpoint.nbytes() if not adapter else 0),
+        "peak_memory": mem["line"],
+        "memory_mode": mem["memory_mode"],
+        "time": f"~{mem['seconds']:.0f} s predicted (2 sweeps of matching when it matches; calibration not included)",
+        "memory": mem,
+        "disk": human(b.checkpoint.nbytes() if not adapter else 0),
     }
 
 
@@ -114,13 +155,17 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
              probe_data: str | Path | None = None, probe_count: int = 32, probe_length: int = 128,
              probe_seed: int = 0, require_gain: float | None = None, check_alpha: bool = False,
              overwrite: bool = False, verify: bool = False, dry_run: bool = False,
-             progress: bool = False) -> TransferResult:
+             progress: bool = False, memory: float | None = None, symmetries: str = "full") -> TransferResult:
     """Write the fine-tune moved onto ``new_base`` to ``output`` (see module docstring).
 
     ``alpha``: "auto" (calibrated, see :mod:`rebasin.calibrate`), "auto-layer" (one α per layer),
     or a number; with a number and ``check_alpha`` the verdict is still measured (D(0), D(α)).
     ``require_gain``: refuse (exit 7, nothing written) when the calibrated relative divergence
-    reduction is below it. ``probe_*``: the calibration's probe inputs.
+    reduction is below it. ``probe_*``: the calibration's probe inputs. ``memory``: budget in GiB
+    (default: what the machine has free); the predicted peak (``--dry-run`` shows it, and whether
+    the match streams or caches) above it is refused before any work (RefusedError, exit 7).
+    ``symmetries``: ``full`` (permutations and the within-head orthogonal maps) or ``perm``
+    (permutations only; a ``perms`` file's rotations are then left out).
 
     Raises RebasinError subclasses (each names the file/tensor, with a distinct exit code)
     for mismatched architectures, an empty task vector, NaN/Inf, truncated or non-safetensors
@@ -131,6 +176,9 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     alpha = check_alpha_value(alpha)
     output = Path(output)
     a, b = open_model(old_base), open_model(new_base)
+    # The output B + α·π(τ) lives in B's basis, so π may move a headless A's residual stream too
+    # (only `apply`, which keeps A's outputs, must leave it alone: docs/design.md, Headless models).
+    a = Model(a.checkpoint, a.spec.free_output())
     adapter = is_adapter_dir(finetuned)
     ft_ckpt = open_checkpoint(finetuned) if adapter else None
     ft = None if adapter else open_model(finetuned)
@@ -151,9 +199,14 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     if needed and bare is not None:
         raise RebasinError("calibrating α needs model directories (config.json beside the weights); "
                            "pass a number to --alpha", file=bare.path)
+    perms_arg = str(perms) if perms else None
     if dry_run:
-        return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, str(perms) if perms else None,
-                                                    alpha)})
+        return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, perms_arg, alpha, device=device,
+                                                    memory=memory)})
+    mem = memory_plan(a, b, mode, adapter, perms_arg, device, memory)
+    if not mem["fits"]:
+        raise RefusedError(f"this transfer needs {mem['line']}; nothing was done. Free memory, pass a larger "
+                           "--memory, or run the match on several processes (torchrun, see docs/scale.md)")
     ensure_output_free(output, overwrite)
 
     vocab: VocabMap | None = None
@@ -165,16 +218,23 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
 
     pi: dict[str, torch.Tensor] | None = None
     match_report: dict[str, Any] | None = None
+    alignment: dict[str, Any] | None = None
     if mode == "rebasin":
         if perms is not None:
+            from rebasin.alignment import alignment_stats
+
             pi, _ = load_perms(perms)
-            validate(a.spec, pi, where=perms)
+            pi = restrict(pi, symmetries)  # perm: the file's rotations left out
+            validate(a.spec, pi, where=perms, state=a.checkpoint.get)
+            alignment = {**alignment_stats(a, b, pi), "perms": str(perms)}
         else:
             from rebasin.matching.api import match
 
             result = match(a, b, solver=solver, max_sweeps=max_sweeps, seed=seed, device=device, progress=progress,
-                           vocab=vocab)
+                           vocab=vocab, memory=memory, symmetries=symmetries)
             pi, match_report = result.perms, result.to_dict()
+            if not is_main_process():  # under torchrun every rank matched; rank 0 alone goes on and writes
+                return TransferResult(output, {"match": match_report, "rank_only": True}, pi, [])
     lineage = same_lineage_line(match_report)
     calibration = None
     if needed or (check_alpha and bare is None and _have_transformers()):
@@ -203,13 +263,17 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
                               "family": a.family, "old_base": str(a.path),
                               "finetuned": str(finetuned), "new_base": str(b.path), "adapter": adapter,
                               "vocab": vocab.summary() if vocab else None, "verify": verify_report,
-                              "match": match_report, "perms": str(perms) if perms else (PERMS_FILE if pi else None)}
+                              "match": match_report, "alignment": alignment,
+                              "perms": str(perms) if perms else (PERMS_FILE if pi else None)}
+    write_started = time.perf_counter()
     with atomic_output_dir(output, overwrite=overwrite) as tmp:
         if adapter:
             stats = _write_adapter(tmp, ft_ckpt, a, b, pi, alpha_of, finetuned, progress)
         else:
             stats = _write_full(tmp, a, ft, b, pi, alpha_of, out_dtype, vocab, vocab_axes, progress)
         report.update(stats)
+        report["timings_s"] = {**({"match": sum(match_report["timings_s"].values())} if match_report else {}),
+                               "write": time.perf_counter() - write_started}
         if pi is not None:
             save_perms(tmp / PERMS_FILE, pi, family=a.family, source=str(a.path), target=str(b.path))
         files = write_report(tmp, report)
@@ -220,39 +284,93 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
                 alpha_of: Callable[[str], float],
                 out_dtype: torch.dtype | None, vocab: VocabMap | None, vocab_axes: dict[str, int],
                 progress: bool) -> dict[str, Any]:
-    writer = CheckpointWriter(tmp)
-    with_delta = copied = 0
+    """Stream B's tensors into the output, row chunk by row chunk (docs/design.md, Scale).
+
+    Per chunk: rows of B, A and A_ft are read (A and A_ft whole, once per tensor, when π moves
+    its rows), ``δ = A_ft − A`` and ``B + α·π(δ)`` in float32, one rounding to the output dtype,
+    and the chunk goes straight into its shard. The NaN/Inf check is one ``isfinite`` of that
+    result (NaN/Inf in any input reaches it; only a failure looks at the inputs to name one).
+    """
+    bk, ak, fk = b.checkpoint, a.checkpoint, ft.checkpoint
+    layout = []
+    for name in bk.tensors:
+        dt = CK_DTYPES[bk.tensors[name].dtype]
+        layout.append(Planned(name, out_dtype if (out_dtype is not None and dt.is_floating_point) else dt,
+                              bk.shape(name)))
+    writer = StreamingCheckpointWriter(tmp, layout)
+    changed = unchanged = copied = 0
     sq_norm = 0.0
-    for name in tqdm(b.checkpoint.keys(), desc="transfer", unit="tensor", disable=not progress):
-        tb = b.checkpoint.get(name, check_finite=True)
-        dtype = out_dtype if (out_dtype is not None and tb.is_floating_point()) else tb.dtype
-        if name not in a.spec.shapes or not tb.is_floating_point():
-            writer.add(name, tb.to(dtype))
+    for item in tqdm(layout, desc="transfer", unit="tensor", disable=not progress):
+        name, dtype = item.name, item.dtype
+        overflow = f"B + α·(A_ft − A) does not fit {dtype} (overflow)"
+        if name not in a.spec.shapes or not CK_DTYPES[bk.tensors[name].dtype].is_floating_point:
+            for start, stop in row_chunks(item.shape):
+                tb = bk.get_rows(name, start, stop)
+                out = tb.to(dtype)
+                check_finite_chunk(out, [(tb, bk.where(name), name)], f"{name}: does not fit {dtype}")
+                writer.write(name, out)
             copied += 1
             continue
-        ta = a.checkpoint.get(name, dtype=torch.float32, check_finite=True)
-        tf = ft.checkpoint.get(name, dtype=torch.float32, check_finite=True)
-        delta = tf - ta
-        sq_norm += float(delta.double().pow(2).sum())
-        if pi is not None:
-            delta = permute_tensor(a.spec, name, delta, pi)
-        out = tb.to(torch.float32)
-        axis = vocab_axes.get(name)
         alpha = alpha_of(name)
-        if axis is None:
-            out = out + alpha * delta
-        else:
+        axis = vocab_axes.get(name)
+        same = True
+        if axis is not None:  # vocabularies differ: only shared rows get the delta (whole tensor, float32)
+            tb, ta, tf = bk.get(name), ak.get(name, dtype=torch.float32), fk.get(name, dtype=torch.float32)
+            delta = tf - ta
+            sq_norm += _sq_sum(delta)
+            if pi is not None:
+                delta = permute_tensor(a.spec, name, delta, pi)
             rows_b, rows_a = vocab.b_rows, vocab.a_rows
+            out = tb.to(torch.float32)
             moved = out.index_select(axis, rows_b) + alpha * delta.index_select(axis, rows_a)
-            out = out.index_copy(axis, rows_b, moved)
-        writer.add(name, out.to(dtype))
-        with_delta += 1
+            out = out.index_copy(axis, rows_b, moved).to(dtype)
+            check_finite_chunk(out, [(tb, bk.where(name), name), (tf, fk.where(name), name),
+                                     (ta, ak.where(name), name)], f"{name}: {overflow}")
+            same = torch.equal(out, tb.to(dtype))
+            writer.write(name, out)
+            del tb, ta, tf, delta, out, moved
+        else:
+            rows_move = pi is not None and bool(a.spec.axes.get(name)) and a.spec.axes[name][0] is not None
+            whole_a = ak.get(name) if rows_move else None
+            whole_f = fk.get(name) if rows_move else None
+            for start, stop in row_chunks(item.shape):
+                tb = bk.get_rows(name, start, stop)
+                if rows_move:
+                    ra = permuted_rows(a.spec, name, whole_a, pi, start, stop)
+                    rf = permuted_rows(a.spec, name, whole_f, pi, start, stop)
+                else:
+                    ra, rf = ak.get_rows(name, start, stop), fk.get_rows(name, start, stop)
+                    if pi is not None:  # other axes move: gather them within the chunk
+                        ra = permuted_rows(a.spec, name, ra, pi, 0, stop - start)
+                        rf = permuted_rows(a.spec, name, rf, pi, 0, stop - start)
+                delta = rf.float() - ra.float()
+                sq_norm += _sq_sum(delta)
+                out = (tb.to(torch.float32) + alpha * delta).to(dtype)
+                check_finite_chunk(out, [(tb, bk.where(name), name), (rf, fk.where(name), name),
+                                         (ra, ak.where(name), name)], f"{name}: {overflow}")
+                if same and not torch.equal(out, tb.to(dtype)):
+                    same = False
+                writer.write(name, out)
+            del whole_a, whole_f
+        if same:
+            unchanged += 1
+        else:
+            changed += 1
     writer.close()
     if sq_norm == 0.0:
         raise IncompatibleInputsError("the fine-tune is identical to the old base: the task vector is empty",
                                       file=ft.path)
-    copy_aux_files(b.checkpoint.directory, tmp)
-    return {"tensors": {"with_delta": with_delta, "copied_from_b": copied}, "task_vector_norm": sq_norm ** 0.5}
+    files_from_b = copy_model_files(b.checkpoint.directory, tmp, produced=REPORT_FILES)
+    return {"tensors": {"changed": changed, "unchanged": unchanged, "copied_from_b": copied},
+            "files_from_b": files_from_b, "task_vector_norm": sq_norm ** 0.5}
+
+
+def _sq_sum(x: torch.Tensor) -> float:
+    """Σ x² (float32 sums per row, added in float64)."""
+    if x.numel() == 0:
+        return 0.0
+    x = x.reshape(x.shape[0] if x.dim() else 1, -1)
+    return float((x * x).sum(1).double().sum())
 
 
 def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tensor] | None,
@@ -283,7 +401,8 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
                                       file=ckpt.path)
     cfg["base_model_name_or_path"] = str(Path(b.path).resolve())
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-    copy_aux_files(b.checkpoint.directory, tmp, names=("tokenizer.json", "tokenizer_config.json",
-                                                       "special_tokens_map.json", "vocab.txt", "vocab.json",
-                                                       "merges.txt", "tokenizer.model"))
-    return {"tensors": {"with_delta": n, "copied_from_b": 0}, "task_vector_norm": sq_norm ** 0.5}
+    files_from_b = copy_aux_files(b.checkpoint.directory, tmp, names=(
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+        "tokenizer.model"))
+    return {"tensors": {"changed": n, "unchanged": 0, "copied_from_b": 0}, "files_from_b": files_from_b,
+            "task_vector_norm": sq_norm ** 0.5}

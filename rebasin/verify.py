@@ -26,7 +26,8 @@ def _inputs(config: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Ten
 
 
 def verify_symmetry(model_dir: Path, spec: Spec, perms: Mapping[str, torch.Tensor], *, seed: int = 0) -> float:
-    """Max abs difference between A's and π(A)'s outputs (residual-basis outputs un-permuted)."""
+    """Max abs difference between A's and π(A)'s outputs (a headless model's output, in its
+    residual stream's basis, un-permuted first)."""
     model = load_hf_model(model_dir, what="--verify")
     mspec = module_spec(model, spec.family, where=model_dir)
     permuted = type(model)(model.config).eval()
@@ -38,6 +39,11 @@ def verify_symmetry(model_dir: Path, spec: Spec, perms: Mapping[str, torch.Tenso
     with torch.no_grad():
         ya, yb = model(**inputs), permuted(**inputs)
     out_a, out_b = primary_output(ya), primary_output(yb)
-    if not hasattr(ya, "logits") and "residual" in perms and out_b.shape[-1] == perms["residual"].numel():
-        out_b = out_b[..., torch.argsort(perms["residual"])]
+    if not hasattr(ya, "logits"):
+        # a headless model's output is in its residual stream's basis: un-permute it to compare
+        # (π of a transfer may move it, see docs/design.md, Headless models)
+        stream = next((g for g in mspec.groups.values()
+                       if g.output and g.name in perms and out_b.shape[-1] == g.size), None)
+        if stream is not None:
+            out_b = out_b[..., torch.argsort(perms[stream.name].to(out_b.device))]
     return float((out_a.float() - out_b.float()).abs().max())

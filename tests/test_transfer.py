@@ -231,23 +231,19 @@ def test_refuses_existing_output_unless_overwrite(trio, tmp_path, capsys):
 
 
 def test_disk_full_mid_write_leaves_nothing(trio, tmp_path, capsys, monkeypatch):
-    import rebasin.io.writer as writer
+    from rebasin.io.stream_writer import StreamingCheckpointWriter
 
     root = trio[0]
     calls = {"n": 0}
-    real = writer.save_file
+    real = StreamingCheckpointWriter._write_bytes
 
-    def full_disk(*args, **kwargs):
+    def full_disk(self, view):  # the disk fills up on the 5th tensor, half way through the shard
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return real(*args, **kwargs)
+        return real(self, view)
 
-    monkeypatch.setattr(writer, "save_file", full_disk)
-    monkeypatch.setattr(writer, "DEFAULT_SHARD_BYTES", 20_000)
+    monkeypatch.setattr(StreamingCheckpointWriter, "_write_bytes", full_disk)
     out = tmp_path / "out"
     argv = _args(root / "A", root / "Aft", root / "B", out, "--mode", "diff")
-    import rebasin.transfer as tr
-
-    monkeypatch.setattr(tr, "CheckpointWriter", lambda d, **kw: writer.CheckpointWriter(d, max_shard_bytes=20_000, **kw))
     _refused(argv, 8, ["No space left", "nothing was written"], out, capsys)

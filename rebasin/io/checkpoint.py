@@ -9,7 +9,9 @@ Pickle-based files (``pytorch_model.bin``, ``.pt``) are refused, never unpickled
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data in ``file`` (-1: unknown)
 
     @property
     def numel(self) -> int:
@@ -94,7 +97,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise InputFileError("malformed header entry", file=path, tensor=name) from None
-        info = TensorInfo(path, dtype, shape)
+        if dtype not in DTYPES:
+            raise InputFileError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)})",
+                                 file=path, tensor=name)
+        info = TensorInfo(path, dtype, shape, 8 + n + int(start))
         if end > data_len:
             raise InputFileError(
                 f"file is truncated: tensor data ends at byte {end} but only {data_len} data bytes are present",
@@ -149,21 +155,43 @@ class Checkpoint:
         return sum(info.numel for info in self.tensors.values())
 
     def get(self, name: str, *, dtype: torch.dtype | None = None, check_finite: bool = False) -> torch.Tensor:
-        """Read one tensor (memory-mapped, then copied) from its shard."""
-        info = self.tensors.get(name)
-        if info is None:
-            raise InputFileError("tensor not found in checkpoint", file=self.path, tensor=name)
+        """Read one tensor from its shard into a fresh buffer (see :meth:`get_rows`)."""
+        info = self._info(name)
+        return self.get_rows(name, 0, info.shape[0] if info.shape else 1, dtype=dtype, check_finite=check_finite)
+
+    def get_rows(self, name: str, start: int, stop: int, *, dtype: torch.dtype | None = None,
+                 check_finite: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` of axis 0 of one tensor (the whole of a 0-d one), read from the file.
+
+        Read with ``pread`` into a buffer this process owns, never through a memory map: a read
+        costs its own bytes and nothing else (a mapped shard's touched pages count towards the
+        process's resident memory until the map is closed), so a row range of a large tensor
+        costs only that range.
+        """
+        info = self._info(name)
         handle = self._handles.get(info.file)
         try:
             if handle is None:
-                handle = safe_open(str(info.file), framework="pt")
+                handle = open(info.file, "rb", buffering=0)  # noqa: SIM115 (kept open, like a mapped shard)
                 self._handles[info.file] = handle
-            tensor = handle.get_tensor(name)
-        except Exception as exc:
+            tensor = _pread_rows(handle, info, start, stop)
+            if tensor is None:  # a dtype torch cannot view bytes as, or a big-endian host: safetensors reads it
+                tensor = _safe_open_rows(info, name, start, stop)
+        except (OSError, ValueError, RuntimeError) as exc:
             raise InputFileError(f"cannot read tensor data: {exc}", file=info.file, tensor=name) from None
         if check_finite:
             ensure_finite(tensor, info.file, name)
         return tensor.to(dtype) if dtype is not None else tensor
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise InputFileError("tensor not found in checkpoint", file=self.path, tensor=name)
+        return info
+
+    def where(self, name: str) -> Path:
+        """The shard file holding ``name`` (what an error about that tensor names)."""
+        return self._info(name).file
 
     def items(self, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors:
@@ -172,6 +200,34 @@ class Checkpoint:
     def state_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Everything at once — for small models and tests; the engine reads lazily."""
         return dict(self.items(dtype=dtype))
+
+
+def _pread_rows(handle: Any, info: TensorInfo, start: int, stop: int) -> torch.Tensor | None:
+    torch_dtype = DTYPES.get(info.dtype)
+    if torch_dtype is None or info.offset < 0 or sys.byteorder != "little":
+        return None
+    shape = info.shape
+    rows = shape[0] if shape else 1
+    start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
+    stop = max(stop, start)
+    row_bytes = info.nbytes // rows if rows else 0
+    out_shape = ((stop - start), *shape[1:]) if shape else ()
+    buf = torch.empty(row_bytes * (stop - start), dtype=torch.uint8)
+    view = memoryview(buf.numpy()).cast("B")
+    pos, offset = 0, info.offset + start * row_bytes
+    while pos < len(view):  # pread may return less than asked (at most ~2 GiB per call on Linux)
+        got = os.preadv(handle.fileno(), [view[pos:]], offset + pos)
+        if got <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + pos}")
+        pos += got
+    return buf.view(torch_dtype).reshape(out_shape)
+
+
+def _safe_open_rows(info: TensorInfo, name: str, start: int, stop: int) -> torch.Tensor:
+    with safe_open(str(info.file), framework="pt") as fh:
+        if not info.shape:
+            return fh.get_tensor(name)
+        return fh.get_slice(name)[start:stop]
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

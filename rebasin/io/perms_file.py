@@ -1,14 +1,17 @@
-"""The permutations file: π as a ``.safetensors`` file of int64 tensors plus metadata.
+"""The permutations file: π as a ``.safetensors`` file of tensors plus metadata.
 
 One tensor per key of :mod:`rebasin.permutation` (``G`` for a plain group; ``G.heads``,
-``G.qgroup``, ``G.qk``, ``G.vo`` for an attention group). Metadata (all strings):
+``G.qgroup``, ``G.qk``, ``G.vo`` for an attention group, int64; and, where π has them, the
+rotations ``G.qk_rot``, ``G.vo_rot``, float64). Metadata (all strings):
 
 ==================  ===========================================================
 ``format``          :data:`FORMAT`, so other safetensors files are refused
-``format_version``  :data:`FORMAT_VERSION`
+``format_version``  ``"1"`` when π holds permutations only (readable by every version),
+                    ``"2"`` when it holds rotations; both are read (:data:`SUPPORTED_VERSIONS`)
 ``family``          the spec family the permutations are for
 ``source``          the model π applies to, ``target`` the model it aligns it with
-``convention``      ``apply(source, perms) ~= target; new[i] = old[perm[i]]``
+``convention``      ``apply(source, perms) ~= target; new[i] = old[perm[i]]`` (plus, with
+                    rotations, ``then new_block = R @ block``)
 ==================  ===========================================================
 
 plus any ``extra`` string pairs the writer passes (written last, so they win on a clash).
@@ -26,20 +29,27 @@ from rebasin.errors import InputFileError
 from rebasin.io.checkpoint import read_header
 
 FORMAT = "rebasin.permutations"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # the newest version written
+SUPPORTED_VERSIONS = ("1", "2")
+ROTATION_SUFFIXES = (".qk_rot", ".vo_rot")
 
 
 def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], *, family: str, source: str = "",
                target: str = "", extra: Mapping[str, str] | None = None) -> None:
-    """Write π as a ``.safetensors`` file: one int64 tensor per key, plus metadata."""
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "family": family,
-                "source": str(source), "target": str(target),
-                "convention": "apply(source, perms) ~= target; new[i] = old[perm[i]]", **(extra or {})}
-    save_file({k: v.to(torch.int64).contiguous().cpu() for k, v in perms.items()}, str(path), metadata=metadata)
+    """Write π as a ``.safetensors`` file: int64 permutations, float64 rotations, plus metadata."""
+    rotations = any(k.endswith(ROTATION_SUFFIXES) for k in perms)
+    convention = "apply(source, perms) ~= target; new[i] = old[perm[i]]"
+    if rotations:
+        convention += "; then each head block of a rotated axis new_block = R @ block"
+    metadata = {"format": FORMAT, "format_version": "2" if rotations else "1", "family": family,
+                "source": str(source), "target": str(target), "convention": convention, **(extra or {})}
+    tensors = {k: (v.to(torch.float64) if k.endswith(ROTATION_SUFFIXES) else v.to(torch.int64)).contiguous().cpu()
+               for k, v in perms.items()}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_perms(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a permutations file written by :func:`save_perms`: (key -> int64 tensor, metadata).
+    """Read a permutations file written by :func:`save_perms`: (key -> tensor, metadata).
 
     Raises InputFileError naming ``path`` when it is missing, truncated, not safetensors, or
     not a permutations file of a supported version. Keys and shapes are checked against a
@@ -55,6 +65,10 @@ def load_perms(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise InputFileError(f"cannot read permutations: {exc}", file=path) from None
     if meta.get("format") != FORMAT:
         raise InputFileError(f"not a rebasin permutations file (metadata format={meta.get('format')!r})", file=path)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in SUPPORTED_VERSIONS:
         raise InputFileError(f"unsupported permutations format version {meta.get('format_version')!r}", file=path)
+    rotations = sorted(k for k in perms if k.endswith(ROTATION_SUFFIXES))
+    if rotations and meta["format_version"] == "1":
+        raise InputFileError(f"format version 1 holds permutations only, but '{rotations[0]}' is a rotation",
+                             file=path)
     return perms, meta

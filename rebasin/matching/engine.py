@@ -10,6 +10,14 @@ exactly; a step is kept only if J does not decrease, so J is monotone. Global gr
 other axes are already placed (embeddings, norms), which avoids the poor optimum that
 coordinate descent from the identity falls into. Attention groups are updated head-aware
 (:mod:`rebasin.matching.attention`).
+
+Memory and bookkeeping (docs/design.md, Scale): weights come from a
+:class:`~rebasin.matching.store.PairStore` (read per step, or cached when the budget allows);
+a plain group's cost is accumulated term by term from the tensors that touch it. J is read
+once per tensor at the start (one pass that also gives the report's identity cosines and the
+NaN/Inf check) and then tracked from the costs: a step's gain is a gather of the cost matrix
+it already built, the per-unit "after" similarity of the report is the same gather. Under
+torch.distributed, ranks own layers' groups (:mod:`rebasin.distributed`).
 """
 from __future__ import annotations
 
@@ -21,15 +29,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rebasin_kernels.cost_builder import gathered_cost
 from tqdm.auto import tqdm
 
+from rebasin.distributed import Dist, Ownership, plan_ownership
 from rebasin.errors import NonFiniteError
-from rebasin.matching.attention import update_attention
-from rebasin.matching.terms import as_rows, group_terms, other_index
-from rebasin.permutation import Perms, identity, moved_fraction, permute_tensor
+from rebasin.matching.attention import collect_blocks, current, score, update_attention
+from rebasin.matching.store import (
+    LazyState,
+    PairStore,
+    Side,
+    Stats,
+    accumulate_cost,
+    tensor_stats,
+    unit_dots,
+)
+from rebasin.matching.terms import as_rows, group_terms, mapped_a, other_index
+from rebasin.permutation import Perms, axis_index, identity, moved_fraction, permute_tensor
 from rebasin.solvers import solve
-from rebasin.specs import Spec
+from rebasin.specs import AxisRef, Group, Spec
+from rebasin.symmetry import kind_of
 
 State = Mapping[str, torch.Tensor]
 
@@ -38,7 +56,9 @@ State = Mapping[str, torch.Tensor]
 class GroupStats:
     """Per-group outcome: fraction of units moved, mean cosine of matched units before/after.
 
-    ``template`` and ``layer`` are the group's (see :class:`rebasin.specs.Group`).
+    ``template`` and ``layer`` are the group's (see :class:`rebasin.specs.Group`). ``rotation``:
+    how far the group's within-head orthogonal maps are from the identity, mean ‖R − I‖_F/(2√d)
+    (0 without rotations, 1 for −I; :meth:`rebasin.symmetry.SymmetryKind.rotation`).
     """
 
     name: str
@@ -49,11 +69,17 @@ class GroupStats:
     cos_after: float
     template: str = ""
     layer: int | None = None
+    rotation: float = 0.0
 
 
 @dataclass
 class MatchResult:
-    """Permutations plus the evidence: objective per sweep, per-group stats, timings."""
+    """Permutations plus the evidence: objective per sweep, per-group stats, timings.
+
+    ``memory_mode``: ``streaming`` (weights read per step), ``cached`` (kept after the first
+    read) or ``in-memory`` (state dicts / modules). ``io``: tensor pairs and bytes read.
+    ``distributed``: world size and each rank's share, when run under torch.distributed.
+    """
 
     perms: Perms
     objective_identity: float
@@ -63,6 +89,9 @@ class MatchResult:
     groups: list[GroupStats] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     solver: str = "auto"
+    memory_mode: str = ""
+    io: dict[str, int] = field(default_factory=dict)
+    distributed: dict[str, Any] | None = None
 
     @property
     def objective(self) -> float:
@@ -77,8 +106,18 @@ class MatchResult:
             "converged": self.converged,
             "solver": self.solver,
             "timings_s": self.timings,
+            "memory_mode": self.memory_mode,
+            "io": self.io,
+            "distributed": self.distributed,
             "groups": [vars(g) for g in self.groups],
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MatchResult:
+        """The printable part of a result back from :meth:`to_dict` (``perms`` left empty)."""
+        return cls({}, d["objective_identity"], list(d["objective_history"]), d["sweeps"], d["converged"],
+                   [GroupStats(**g) for g in d.get("groups", [])], dict(d.get("timings_s", {})),
+                   d.get("solver", "auto"), d.get("memory_mode", ""), dict(d.get("io") or {}), d.get("distributed"))
 
 
 class Timer:
@@ -103,7 +142,11 @@ class Timer:
 
 def objective(spec: Spec, a: State, b: State, perms: Mapping[str, torch.Tensor],
               names: list[str] | None = None) -> float:
-    """J(π) restricted to ``names`` (default: every permuted tensor), accumulated in float64."""
+    """J(π) restricted to ``names`` (default: every permuted tensor), accumulated in float64.
+
+    A pass over the tensors: the matcher itself tracks J from its costs and calls this only for
+    the few tensors that carry one group on two axes (BERT's MLM transform).
+    """
     total = 0.0
     for name in names if names is not None else spec.permuted_tensors():
         pa = permute_tensor(spec, name, a[name], perms)
@@ -111,22 +154,52 @@ def objective(spec: Spec, a: State, b: State, perms: Mapping[str, torch.Tensor],
     return total
 
 
-def plain_cost(spec: Spec, a: State, b: State, group: str, perms: Mapping[str, torch.Tensor],
-               names: set[str] | None = None) -> torch.Tensor:
+@dataclass
+class Work:
+    """What the steps of one match share: weights, ownership, the per-group report material."""
+
+    spec: Spec
+    store: PairStore
+    dist: Dist
+    own: Ownership
+    stats: Stats = field(default_factory=Stats)
+    # group -> (per-unit gathered cost at the chosen π_g, float64; the versions of its reads then)
+    diag: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=dict)
+    inputs: tuple[int, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
+    def my_terms(self, group: str, names: set[str] | None = None) -> list[Any]:
+        """The terms of ``group`` this rank adds: all of them for a per-layer group (its owner
+        reads them), the ones of its own tensors for a global group."""
+        terms = [t for t in group_terms(self.spec, group) if names is None or t.name in names]
+        if self.dist.active and self.own.group_owner.get(group) is None:
+            terms = [t for t in terms if self.own.tensor_owner.get(t.name) == self.dist.rank]
+        return terms
+
+
+def plain_cost(work: Work, group: str, perms: Mapping[str, torch.Tensor], names: set[str] | None = None
+               ) -> torch.Tensor:
     """C_g (n × n, float32): C[i, j] = Σ ⟨unit i of B, unit j of π_other(A)⟩ over the group's tensors.
 
-    ``names`` restricts the sum to some tensors (used by the initial guess).
+    Accumulated term by term (each tensor read once, from the store); a global group's partial
+    sums are all-reduced over ranks. ``names`` restricts the sum (used by the initial guess).
     """
+    spec = work.spec
     n = spec.groups[group].size
-    device = next(iter(b.values())).device
-    out = torch.zeros(n, n, dtype=torch.float32, device=device)
-    for term in group_terms(spec, group):
-        if names is not None and term.name not in names:
-            continue
-        wb, wa = b[term.name], a[term.name]
-        idx = other_index(spec, term.name, term.axis, perms, tuple(wa.shape), wa.device)
-        gathered_cost(as_rows(wb, term.axis), as_rows(wa, term.axis), idx, out=out)
+    out = torch.zeros(n, n, dtype=torch.float32, device=work.device)
+    terms = work.my_terms(group, names)
+    for term in terms:
+        tb, ta = work.store.pair(term.name)
+        wa, idx = mapped_a(spec, term.name, term.axis, perms, ta)  # a rotated other axis: mapped copy
+        accumulate_cost(out, as_rows(tb, term.axis), wa, idx)
+        del tb, ta
+    if work.dist.active and work.own.group_owner.get(group) is None:
+        work.dist.all_reduce(out)
     if not bool(torch.isfinite(out).all()):
+        work.store.culprit([t.name for t in terms])
         raise NonFiniteError(f"cost matrix of group '{group}' has NaN/Inf (non-finite weights?)")
     return out
 
@@ -141,21 +214,16 @@ def _placed_tensors(spec: Spec, group: str, placed: set[str]) -> set[str]:
     return keep
 
 
-def unit_cosines(spec: Spec, a: State, b: State, group: str, perms: Mapping[str, torch.Tensor],
-                 own: torch.Tensor) -> float:
-    """Mean over units i of cos(unit i of B, unit own[i] of π_other(A))."""
-    dots = norms_a = norms_b = None
-    for term in group_terms(spec, group):
-        wb, wa = as_rows(b[term.name], term.axis).float(), as_rows(a[term.name], term.axis).float()
-        idx = other_index(spec, term.name, term.axis, perms, tuple(a[term.name].shape), wa.device)
-        if idx is not None:
-            wa = wa[:, idx]
-        wa = wa[own]
-        d, na, nb = (wb * wa).sum(1), (wa * wa).sum(1), (wb * wb).sum(1)
-        dots, norms_a, norms_b = (d, na, nb) if dots is None else (dots + d, norms_a + na, norms_b + nb)
-    if dots is None:
-        return float("nan")
-    return float((dots / (norms_a.sqrt() * norms_b.sqrt()).clamp_min(1e-12)).mean())
+def _solve(work: Work, group: str, cost: torch.Tensor, solver: str) -> torch.Tensor:
+    """π_g from ``cost``; for a global group under torch.distributed rank 0 solves and broadcasts."""
+    shared = work.dist.active and work.own.group_owner.get(group) is None
+    if not shared or work.dist.is_main:
+        perm = solve(cost, method=solver).perm.to(cost.device)
+    else:
+        perm = torch.empty(cost.shape[0], dtype=torch.long, device=cost.device)
+    if shared:
+        work.dist.broadcast(perm)
+    return perm
 
 
 def match_states(
@@ -170,94 +238,248 @@ def match_states(
     progress: bool = True,
     timer: Timer | None = None,
     on_sweep: Callable[[int, float], None] | None = None,
+    symmetries: str = "full",
 ) -> MatchResult:
-    """Find π maximising J(π) = Σ ⟨W_B, π(W_A)⟩ (so that π(A) ≈ B).
+    """Find π maximising J(π) = Σ ⟨W_B, π(W_A)⟩ (so that π(A) ≈ B), from in-memory state dicts.
 
     Args:
         spec: resolved spec shared by A and B.
-        a, b: name -> tensor for at least every permuted tensor, same shapes, on one device
-            (float32 on CPU; float32/bf16 on CUDA — costs accumulate in float32).
+        a, b: name -> tensor for at least every permuted tensor, same shapes, on one device.
         solver: assignment solver name (see :mod:`rebasin.solvers`).
         max_sweeps: sweeps of coordinate descent at most; stops earlier when no group changes.
         seed: seeds the random group order (the result is deterministic for a seed).
         init: starting permutations (default: identity plus the global-group guess).
+        symmetries: ``full`` (permutations and the exact within-head orthogonal maps: V/O, RoPE
+            pair rotations, non-RoPE Q/K) or ``perm`` (permutations only).
     """
     device = next(iter(b.values())).device
+    store = PairStore(Side(lambda n: a[n], lambda _n: "A"), Side(lambda n: b[n], lambda _n: "B"), device)
+    return match_store(spec, store, solver=solver, max_sweeps=max_sweeps, seed=seed, init=init, progress=progress,
+                       timer=timer, on_sweep=on_sweep, memory_mode="in-memory", symmetries=symmetries)
+
+
+def _segments(order: list[str], spec: Spec, reads: Mapping[str, tuple[str, ...]]) -> list[list[str]]:
+    """Split a sweep's order into runs of per-layer groups that read none of each other (their
+    steps are independent: run by their owners at once) and single global groups."""
+    segs: list[list[str]] = []
+    cur: list[str] = []
+    for g in order:
+        if spec.groups[g].layer is None:
+            if cur:
+                segs.append(cur)
+                cur = []
+            segs.append([g])
+            continue
+        if any(h in reads[g] or g in reads[h] for h in cur):
+            segs.append(cur)
+            cur = []
+        cur.append(g)
+    if cur:
+        segs.append(cur)
+    return segs
+
+
+def _group_keys(group: Group, perms: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """The group's keys of π: the required ones, plus the optional ones (rotations) ``perms`` holds."""
+    kind = kind_of(group)
+    return kind.keys(group) + [k for k in kind.optional_keys(group) if perms is not None and k in perms]
+
+
+def match_store(
+    spec: Spec,
+    store: PairStore,
+    *,
+    solver: str = "auto",
+    max_sweeps: int = 20,
+    seed: int = 0,
+    init: Perms | None = None,
+    progress: bool = True,
+    timer: Timer | None = None,
+    on_sweep: Callable[[int, float], None] | None = None,
+    dist: Dist | None = None,
+    memory_mode: str = "",
+    symmetries: str = "full",
+) -> MatchResult:
+    """The matcher proper (see :func:`match_states`), reading weights from ``store``."""
+    device = store.device
     timer = timer or Timer(device)
+    dist = dist or Dist()
+    own = plan_ownership(spec, dist.world)
+    work = Work(spec, store, dist, own)
+    a, b = LazyState(store, 1).bind(spec), LazyState(store, 0).bind(spec)
     rng = random.Random(seed)
     perms = {k: v.to(device) for k, v in (init or identity(spec)).items()}
-    with timer("objective"):
-        j_identity = objective(spec, a, b, identity(spec))
-    history: list[float] = []
+    show = progress and dist.is_main
+    reads = read_sets(spec)
 
     plain = [g for g in spec.groups.values() if not g.is_attention]
-    global_groups = [g.name for g in plain if g.layer is None]
+    global_groups = [g.name for g in plain if g.layer is None and not g.fixed]  # fixed: stays the identity
+    mine = [n for n in spec.permuted_tensors() if not dist.active or own.tensor_owner.get(n) == dist.rank]
+    bar = tqdm(total=len(mine) + len(global_groups), desc="match: read", unit="step", disable=not show)
     if init is None:
         placed: set[str] = set()
         for name in global_groups:
             names = _placed_tensors(spec, name, placed)
             if names:
                 with timer("cost"):
-                    cost = plain_cost(spec, a, b, name, perms, names)
+                    cost = dist.call(lambda name=name, names=names: plain_cost(work, name, perms, names))
                 with timer("solve"):
-                    perms[name] = solve(cost, method=solver).perm.to(device)
+                    perms[name] = _solve(work, name, cost, solver)
+                del cost
             placed.add(name)
-    with timer("objective"):
-        history.append(objective(spec, a, b, perms))
+            bar.update(1)
+    start = {k: v.clone() for k, v in perms.items()}
+    ident = identity(spec)
+    moved_init = any(not torch.equal(v, ident[k].to(device)) for k, v in start.items())
 
-    order = list(spec.groups)
+    def read_all() -> Stats:
+        stats = Stats()
+        for name in mine:
+            tensor_stats(store, spec, name, start if moved_init else None, stats)
+            bar.update(1)
+        return stats
+
+    with timer("objective"):
+        stats = dist.call(read_all)
+        if dist.active:
+            stats = Stats.from_flat(spec, dist.all_reduce(stats.flat(spec)))
+    bar.close()
+    work.stats = stats
+    j_identity, j = stats.j_identity, stats.j_init
+    history: list[float] = [j]
+
+    order = [name for name, g in spec.groups.items() if not g.fixed]
     proposals: dict = {}
-    reads = read_sets(spec)
-    version = dict.fromkeys(order, 0)  # bumped whenever a group's permutation changes
+    version = dict.fromkeys(spec.groups, 0)  # bumped whenever a group's permutation changes
     seen: dict[str, tuple[int, ...]] = {}  # versions of reads[g] when g was last evaluated
     converged = False
     sweep = 0
-    bar = tqdm(total=max_sweeps * len(order), desc="match", unit="group", disable=not progress)
     for sweep in range(1, max_sweeps + 1):
         rng.shuffle(order)
         changed = False
-        for name in order:
-            group = spec.groups[name]
-            bar.set_postfix_str(f"sweep {sweep} {name}", refresh=False)
-            inputs = tuple(version[r] for r in reads[name])
-            # same inputs as at its last evaluation: the exact step would return the same π_g
-            if seen.get(name) != inputs:
-                seen[name] = inputs
-                if group.is_attention:
-                    step = update_attention(spec, a, b, group, perms, solver=solver, timer=timer,
-                                            proposals=proposals)
-                else:
-                    step = _update_plain(spec, a, b, name, perms, solver, timer)
-                version[name] += step
-                changed |= step
-            bar.update(1)
-        with timer("objective"):
-            history.append(objective(spec, a, b, perms))
+        bar = tqdm(total=len(order), desc=f"match: sweep {sweep}", unit="group", disable=not show)
+        for seg in _segments(order, spec, reads):
+            todo = []
+            for name in seg:
+                inputs = tuple(version[r] for r in reads[name])
+                # same inputs as at its last evaluation: the exact step would return the same π_g
+                if seen.get(name) != inputs:
+                    seen[name] = inputs
+                    todo.append((name, inputs))
+
+            def run(todo: list = todo, bar: Any = bar) -> dict[str, tuple[bool, float]]:
+                out = {}
+                for name, inputs in todo:
+                    if not own.owns_group(name, dist.rank):
+                        continue
+                    group = spec.groups[name]
+                    bar.set_postfix_str(name, refresh=False)
+                    work.inputs = inputs
+                    if group.is_attention:
+                        out[name] = _attention_step(work, a, b, group, perms, solver, timer, proposals,
+                                                    symmetries == "full")
+                    else:
+                        out[name] = _update_plain(spec, a, b, name, perms, solver, timer, work)
+                return out
+
+            results = dist.call(run)
+            if dist.active and any(spec.groups[n].layer is not None for n, _ in todo):
+                shared = {}
+                for part in dist.gather({n: (r, {k: perms[k].cpu() for k in _group_keys(spec.groups[n], perms)})
+                                         for n, r in results.items() if spec.groups[n].layer is not None}):
+                    shared.update(part)
+                for n, (r, values) in shared.items():
+                    results[n] = r
+                    for k in _group_keys(spec.groups[n], perms):  # absent optional keys (rotations) mean I
+                        perms.pop(k, None)
+                    perms.update({k: v.to(device) for k, v in values.items()})
+            for name, _ in todo:  # in the sweep's order: the same sum on every rank and in one process
+                step, gain = results[name]
+                if step:
+                    version[name] += 1
+                    j += gain
+                    changed = True
+            bar.update(len(seg))
+        bar.close()
+        history.append(j)
         if on_sweep:
-            on_sweep(sweep, history[-1])
+            on_sweep(sweep, j)
         if not changed:
             converged = True
             break
-    bar.total = bar.n
-    bar.close()
 
-    stats = []
-    ident = identity(spec)
     with timer("report"):
-        for group in spec.groups.values():
-            if group.is_attention:
-                from rebasin.matching.attention import head_cosines
+        stats_out = dist.call(lambda: _report(work, a, b, perms, reads, version))
+    result = MatchResult({k: v.cpu() for k, v in perms.items()}, j_identity, history, sweep, converged, stats_out,
+                         dict(timer.totals), solver, memory_mode,
+                         {"tensor_reads": store.reads, "bytes_read": store.bytes_read})
+    if dist.active:
+        shares = dist.gather({**own.share(spec, dist.rank), "timings_s": dict(timer.totals),
+                              "bytes_read": store.bytes_read})
+        result.distributed = {"world_size": dist.world, "backend": dist.backend, "ranks": shares}
+    return result
 
-                before, after = head_cosines(spec, a, b, group, ident), head_cosines(spec, a, b, group, perms)
-                moved = moved_fraction(perms, f"{group.name}.heads")
-            else:
-                before = unit_cosines(spec, a, b, group.name, ident, ident[group.name].to(device))
-                after = unit_cosines(spec, a, b, group.name, perms, perms[group.name])
-                moved = moved_fraction(perms, group.name)
-            stats.append(GroupStats(group.name, group.kind, group.size, moved, before, after, group.template,
-                                    group.layer))
-    return MatchResult({k: v.cpu() for k, v in perms.items()}, j_identity, history, sweep, converged, stats,
-                       dict(timer.totals), solver)
+
+def _report(work: Work, a: LazyState, b: LazyState, perms: Perms, reads: Mapping[str, tuple[str, ...]],
+            version: Mapping[str, int]) -> list[GroupStats]:
+    """Per-group moved fraction and cosines, from the statistics and costs already at hand.
+
+    Plain groups: norms and identity dots from the first read; the "after" dots are the gather of
+    the group's last cost at its π when that cost was built with today's permutations (always, at
+    convergence), else one O(size) pass over the group's tensors. Attention groups: per-head
+    cosines over the layer's blocks (a read of the layer's attention tensors).
+    """
+    spec, dist = work.spec, work.dist
+    ident = identity(spec)
+    mine: dict[str, GroupStats] = {}
+    for group in spec.groups.values():
+        owner = work.own.group_owner.get(group.name)
+        if (owner if owner is not None else 0) != dist.rank:
+            continue
+        if group.is_attention:
+            from rebasin.matching.attention import head_cosines
+
+            with work.store.hold():
+                before = head_cosines(spec, a, b, group, ident)
+                after = head_cosines(spec, a, b, group, perms)
+            moved = attention_moved(spec, group, perms)
+        else:
+            before, after = _plain_cosines(work, group.name, perms, reads, version)
+            moved = moved_fraction(perms, group.name)
+        mine[group.name] = GroupStats(group.name, group.kind, group.size, moved, before, after, group.template,
+                                      group.layer, kind_of(group).rotation(group, perms))
+    if dist.active:
+        for part in dist.gather(mine):
+            mine.update(part)
+    return [mine[g] for g in spec.groups]
+
+
+def _plain_cosines(work: Work, group: str, perms: Perms, reads: Mapping[str, tuple[str, ...]],
+                   version: Mapping[str, int]) -> tuple[float, float]:
+    spec = work.spec
+    u = work.stats.units.get(group)
+    if u is None or not group_terms(spec, group):
+        return float("nan"), float("nan")
+    own = perms[group].cpu()
+    before = float((u.dot / (u.nb.sqrt() * u.na.sqrt()).clamp_min(1e-12)).mean())
+    kept = work.diag.get(group)
+    if kept is not None and kept[1] == tuple(version[r] for r in reads[group]):
+        dots = kept[0]
+    else:
+        with work.store.hold():
+            dots = unit_dots(work.store, spec, group, perms, group_terms(spec, group), other_index)
+    after = float((dots / (u.nb.sqrt() * u.na[own].sqrt()).clamp_min(1e-12)).mean())
+    return before, after
+
+
+def attention_moved(spec: Spec, group: Group, perms: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of an attention group's n_heads·d_head units that moved: a unit (query head h,
+    dim d) moved when its Q row or its O column comes from elsewhere — whole KV heads, query
+    heads inside a group, and Q/K and V/O within-head dims all count."""
+    q = axis_index(spec, perms, AxisRef(group.name, "q")).cpu()
+    o = axis_index(spec, perms, AxisRef(group.name, "o")).cpu()
+    here = torch.arange(q.numel())
+    return float(((q != here) | (o != here)).float().mean()) if q.numel() else 0.0
 
 
 def read_sets(spec: Spec) -> dict[str, tuple[str, ...]]:
@@ -278,27 +500,52 @@ def read_sets(spec: Spec) -> dict[str, tuple[str, ...]]:
     return {g: tuple(sorted(r)) for g, r in reads.items()}
 
 
-def _update_plain(spec: Spec, a: State, b: State, name: str, perms: Perms, solver: str, timer: Timer) -> bool:
-    """One exact coordinate step on a plain group; keeps the old π_g unless J strictly improves."""
+def _attention_step(work: Work, a: LazyState, b: LazyState, group: Group, perms: Perms, solver: str,
+                    timer: Timer, proposals: dict, rotations: bool = False) -> tuple[bool, float]:
+    """One head-aware step (:func:`rebasin.matching.attention.update_attention`) and its exact
+    gain in J: the score of the group's blocks before and after (the blocks do not depend on
+    the group's own permutations, so they are gathered once)."""
+    spec = work.spec
+    with work.store.hold():
+        with timer("cost"):
+            hb = collect_blocks(spec, a, b, group, perms)
+            base = score(hb, *current(perms, group.name))
+        step = update_attention(spec, a, b, group, perms, solver=solver, timer=timer, proposals=proposals,
+                                rotations=rotations)
+        gain = score(hb, *current(perms, group.name)) - base if step else 0.0
+    return bool(step), gain
+
+
+def _update_plain(spec: Spec, a: State, b: State, name: str, perms: Perms, solver: str, timer: Timer,
+                  work: Work) -> tuple[bool, float]:
+    """One exact coordinate step on a plain group; keeps the old π_g unless J strictly improves.
+
+    Returns (changed, gain in J). The gain is a gather of the cost just built; the same gather
+    at the chosen π_g is kept for the report.
+    """
     with timer("cost"):
-        cost = plain_cost(spec, a, b, name, perms)
+        cost = plain_cost(work, name, perms)
     with timer("solve"):
-        res = solve(cost, method=solver)
-    new = res.perm.to(cost.device)
+        new = _solve(work, name, cost, solver)
     cur = perms[name]
-    if torch.equal(new, cur):
-        return False
     idx = torch.arange(cost.shape[0], device=cost.device)
-    gain = float(cost[idx, new].double().sum() - cost[idx, cur].double().sum())
+    at_cur = cost[idx, cur].double()
+    if torch.equal(new, cur):
+        work.diag[name] = (at_cur.cpu(), work.inputs)
+        return False, 0.0
+    at_new = cost[idx, new].double()
+    gain = float(at_new.sum() - at_cur.sum())
     tensors = [t.name for t in group_terms(spec, name)]
     if any(sum(1 for r in spec.axes[t] if r is not None and r.group == name) > 1 for t in tensors):
         # a tensor with the group on two axes makes the cost an approximation: check J itself
-        with timer("objective"):
+        with timer("objective"), work.store.hold():
             before = objective(spec, a, b, perms, tensors)
             trial = {**perms, name: new}
             gain = objective(spec, a, b, trial, tensors) - before
     scale = float(cost.abs().max()) * cost.shape[0] + 1e-30
     if gain <= 1e-9 * scale:
-        return False
+        work.diag[name] = (at_cur.cpu(), work.inputs)
+        return False, 0.0
     perms[name] = new
-    return True
+    work.diag[name] = (at_new.cpu(), work.inputs)
+    return True, gain

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rebasin.permutation import axis_index
+from rebasin.permutation import axis_index, has_rotation, permute_tensor
 from rebasin.specs import Spec
 
 
@@ -57,3 +57,14 @@ def other_index(spec: Spec, name: str, axis: int, perms: Mapping[str, torch.Tens
         ax_idx = axis_index(spec, perms, ref).to(device) if ref is not None else torch.arange(size, device=device)
         idx = idx[..., None] * size + ax_idx
     return idx.reshape(-1)
+
+
+def mapped_a(spec: Spec, name: str, axis: int, perms: Mapping[str, torch.Tensor],
+             ta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A's tensor as (n, m) rows for a term on ``axis``, every other axis mapped through π:
+    ``(rows, col_index)``. Where π only permutes the other axes that is ``as_rows(ta)`` and the
+    gather index of :func:`other_index` (no copy); where a rotation acts on one of them (an
+    attention group's orthogonal maps mix columns) it is the mapped tensor itself and None."""
+    if any(ref is not None and i != axis and has_rotation(spec, perms, ref) for i, ref in enumerate(spec.axes[name])):
+        return as_rows(permute_tensor(spec, name, ta, perms, skip_axes=(axis,)), axis), None
+    return as_rows(ta, axis), other_index(spec, name, axis, perms, tuple(ta.shape), ta.device)

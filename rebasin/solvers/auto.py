@@ -1,34 +1,63 @@
 """The ``auto`` policy (docs/design.md, The auto policy): the row bound first, then the fastest exact
 backend for the shape and device.
 
-Row bound (inputs of ROW_BOUND_MIN_ENTRIES entries or more): if every row's best column is a
-different column, that permutation is optimal (no assignment can beat the sum of row maxima;
-duals u = row maxima, v = 0 certify it). Planted, same-lineage and other strong-signal costs
-are solved by this one O(n^2) pass; the rest go to the backend ``auto_choice`` names.
+Row bound: if every row's best column is a different column, that permutation is optimal (no
+assignment can beat the sum of row maxima; duals u = row maxima, v = 0 certify it). Planted,
+same-lineage and other strong-signal costs are solved by this one O(n^2) pass; the rest go to the
+backend ``auto_choice`` names.
+
+CPU with the C extension (``solve_auto_cpu``, what ``solve`` runs): one fused C pass for the
+NaN/Inf check, the row bound and the negated copy; problems it leaves go to the C dense JV
+(``native.jv``) when easy (many rows' best columns distinct, n <= JV_MAX_N), to the lapjvr JV
+(laprust / lapx) when hard, or to ``certified`` when large and hard. Elsewhere (GPU, no C
+extension, backend options): ``solve_auto`` with the same decisions in torch.
 """
 from __future__ import annotations
+
+import functools
+import itertools
+import math
 
 import numpy as np
 import torch
 from rebasin_kernels.hungarian import column_hits
 
-from rebasin.solvers._common import Array, Assignment, make_result
+from rebasin.solvers import native
+from rebasin.solvers._common import Array, Assignment, make_result, outer_threads, scan_threads
+from rebasin.solvers.jvr import jvr_functions
+from rebasin.solvers.laprust_backend import laprust_available
 from rebasin.solvers.lapx_backend import lapx_available
 from rebasin.solvers.scipy_backend import solve_scipy
 from rebasin.solvers.triton_backend import triton_available
 
 # ---- thresholds (measured on a 2-core CPU, see benchmarks/results/solvers-cpu.md) -----------
-# Below AUTO_DENSE_MAX_N a dense JV solve (lapx, else scipy) is always fastest: the certified
-# path pays ~4 dense O(n^2) passes plus sparse overhead. Above it, dense JV is still fastest
-# while the rows' best columns are mostly distinct (few conflicts left for JV's augmentations):
-# planted costs with growing noise, n = 2048 / 8192, lapx vs certified seconds, by the fraction
-# of distinct best columns: 0.92 -> 0.018/0.043, 0.51/1.30; 0.86 -> 0.032/0.079, 1.30/1.57;
-# 0.80-0.83 -> 0.118/0.081, 2.27/1.72 (dense JV degrades fast below; certified stays flat).
-AUTO_DENSE_MAX_N = 768
-AUTO_EASY_DISTINCT = 0.85
-# below this many cost entries the row bound can save at most ~0.1 ms but costs ~0.05 ms of
-# dispatch: small inputs go straight to the backend
+# Dense JV (laprust / lapx's lapjvr) against the certified sparse path, by n and by the fraction of
+# distinct best columns of the rows (row_best_assignment): JV is fastest while few rows conflict
+# and degrades fast as they do; certified stays flat. Certified where distinct < the threshold at
+# n (log2-linear between knots; below the first knot always dense JV; past the last, its value).
+# C passes, planted costs B = s A[perm] + noise, CPU seconds certified / laprust, 1 thread:
+#   n = 2048: 0.62 -> 0.048/0.079, 0.69 -> 0.058/0.058, 0.75 -> 0.056/0.035, 0.85 -> 0.059/0.015;
+#   n = 4096: 0.62 -> 0.22/0.56, 0.74 -> 0.21/0.31, 0.82 -> 0.18/0.16;
+#   n = 8192: 0.62 -> 0.64/3.96, 0.79 -> 0.72/1.17, 0.88 -> 0.62/0.42; n = 1024: JV 2-6x faster.
+# torch passes (no C compiler at install): weak n = 4096 1.3 s vs 1.2 s, n = 8192 5.5 s vs 6.6 s.
+# CUDA (dense passes on the GPU): the earlier policy, dense up to 768 and certified below 0.85.
+CERTIFIED_KNOTS = {
+    "native": ((2048, 0.68), (4096, 0.79), (8192, 0.86), (16384, 0.90)),
+    "torch": ((4096, 0.60), (8192, 0.70), (16384, 0.80)),
+    "cuda": ((769, 0.85),),
+}
+# single CPU problems below this many entries skip the row bound (it can save at most ~0.1 ms;
+# the C JV's column reduction settles such problems as fast); batches always take it, fused
 ROW_BOUND_MIN_ENTRIES = 1 << 18
+# The C dense JV (native.jv: vectorised init passes and dense Dijkstra scans) against lapjvr
+# (laprust; list-based scans), by n and by the fraction of rows the column reduction matches
+# (~ the fraction of distinct best columns): the C JV is 2-6x faster on easy problems (init passes
+# settle most rows) and up to 2-3x slower on hard ones (long augmenting paths). Planted costs,
+# CPU ms lapjvr / C JV, 1 thread: n = 64 (batch 16): 0.63 -> 0.81/0.82, 0.73 -> 0.56/0.44,
+# 0.87 -> 0.32/0.09; n = 128: 0.70 -> 0.51/0.62, 0.83 -> 0.18/0.11; n = 256: 0.66 -> 0.64/0.89,
+# 0.78 -> 0.19/0.16, 0.93 -> 0.17/0.05; n = 1024: 0.77 -> 5.1/14.1, 0.93 -> 1.6/0.9.
+JV_MAX_N = 1024
+JV_KNOTS = ((64, 0.66), (128, 0.74), (256, 0.76), (1024, 0.88))
 TRITON_MAX_N = 128  # batched GPU Hungarian (rebasin_kernels.hungarian): one program per problem
 
 
@@ -47,35 +76,205 @@ def row_best_assignment(c: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, 
     return best, (column_hits(best) > 0).double().mean(dim=1).cpu().numpy()
 
 
+def dense_backend() -> str:
+    """The dense JV backend: ``laprust`` or ``lapx`` (the same lapjvr solver), else ``scipy``."""
+    if laprust_available():
+        return "laprust"
+    return "lapx" if lapx_available() else "scipy"
+
+
+def certified_threshold(n: int, regime: str) -> float:
+    """The distinct-best-column fraction below which ``certified`` beats dense JV at size n
+    (``CERTIFIED_KNOTS[regime]``, log2-linear between knots; 0.0 below the first knot)."""
+    knots = CERTIFIED_KNOTS[regime]
+    if n < knots[0][0]:
+        return 0.0
+    for (n0, t0), (n1, t1) in itertools.pairwise(knots):
+        if n < n1:
+            return t0 + (t1 - t0) * math.log2(n / n0) / math.log2(n1 / n0)
+    return knots[-1][1]
+
+
 def auto_choice(b: int, n: int, device: torch.device | str, distinct: float = 0.0,
                 cost: torch.Tensor | None = None) -> str:
     """Backend name for a (b, n, n) problem on ``device`` that the row bound did not settle.
 
     ``distinct``: the smallest fraction of distinct best columns over the batch
-    (``row_best_assignment``). CUDA, n <= TRITON_MAX_N: the batched GPU Hungarian.
-    n <= AUTO_DENSE_MAX_N or batches: dense JV (lapx, else scipy). Larger: dense JV when the
-    best columns are mostly distinct (>= AUTO_EASY_DISTINCT); scipy on heavily tied ``cost``
-    (few distinct values in a sampled row: dual certificates degenerate); else ``certified``.
+    (``row_best_assignment``). CUDA, n <= TRITON_MAX_N: the batched GPU Hungarian. Batches, and
+    single problems with distinct >= ``certified_threshold(n)``: dense JV (``dense_backend``).
+    Otherwise ``certified``, unless ``cost`` is heavily tied (few distinct values in a sampled row:
+    dual certificates degenerate), which goes to dense JV too.
     """
-    dense = "lapx" if lapx_available() else "scipy"
-    if torch.device(device).type == "cuda" and n <= TRITON_MAX_N and triton_available():
+    dense = dense_backend()
+    dev = torch.device(device)
+    if dev.type == "cuda" and n <= TRITON_MAX_N and triton_available():
         return "triton"
-    if n <= AUTO_DENSE_MAX_N or b > 1 or distinct >= AUTO_EASY_DISTINCT:
+    regime = "cuda" if dev.type == "cuda" else "native" if native.native_available() else "torch"
+    if b > 1 or distinct >= certified_threshold(n, regime):
         return dense
     if cost is not None:
         row = cost[0, 0, : min(n, 512)]
         if int(torch.unique(row).numel()) < row.numel() // 4:
-            return "scipy"
+            return dense
     return "certified"
+
+
+@functools.cache
+def _solvers() -> dict:
+    """The registry (imported late: the registry lists this module's solve_auto)."""
+    from rebasin.solvers.registry import SOLVERS
+
+    return SOLVERS
 
 
 def _run_exact(name: str, c: torch.Tensor, maximize: bool, opts: dict) -> tuple[str, Assignment]:
     """Run backend ``name`` on c (b, n, n); an answer it cannot certify (the fp32 GPU Hungarian's
     float64 dual check failed) is replaced by scipy's. Returns (backend used, result)."""
-    from rebasin.solvers.registry import SOLVERS  # the registry lists this module's solve_auto
-
-    res = SOLVERS[name].fn(c, maximize, **opts)
+    res = _solvers()[name].fn(c, maximize, **opts)
     return (name, res) if res.certified else ("scipy", solve_scipy(c, maximize))
+
+
+def jv_threshold(n: int) -> float:
+    """The distinct-best-column fraction from which the C dense JV beats lapjvr at size n
+    (``JV_KNOTS``, log2-linear between knots, clamped at the ends); 2.0 (never) above JV_MAX_N."""
+    if n > JV_MAX_N:
+        return 2.0
+    if n <= JV_KNOTS[0][0]:
+        return JV_KNOTS[0][1]
+    for (n0, t0), (n1, t1) in itertools.pairwise(JV_KNOTS):
+        if n <= n1:
+            return t0 + (t1 - t0) * math.log2(n / n0) / math.log2(n1 / n0)
+    return JV_KNOTS[-1][1]
+
+
+def _cpu_array(cost: Array) -> np.ndarray | None:
+    """``cost`` as a C-contiguous float32/float64 numpy array of shape (n, n) or (b, n, n) with
+    n >= 2 and b >= 1 when it is a CPU float32/float64 input (a view; a copy only when it is not
+    contiguous); otherwise None."""
+    if isinstance(cost, torch.Tensor):
+        if cost.device.type != "cpu" or cost.requires_grad:
+            return None
+        arr = cost.numpy()
+    elif isinstance(cost, np.ndarray):
+        arr = cost
+    else:
+        return None
+    shape = arr.shape
+    if ((arr.dtype != np.float32 and arr.dtype != np.float64) or len(shape) not in (2, 3) or shape[-1] != shape[-2]
+            or shape[-1] < 2 or arr.size == 0):
+        return None
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+
+
+def _nonfinite(at: int, n: int) -> ValueError:
+    return ValueError(f"cost matrix contains NaN/Inf (batch {at // (n * n)})")
+
+
+def _lapjvr(name: str, m: np.ndarray) -> np.ndarray:
+    """perm (b, n) of the minimisation costs m (b, n, n) by the lapjvr package ``name``."""
+    single, batch = jvr_functions(name)
+    if m.shape[0] == 1:
+        return single(m[0], return_cost=False)[1][None]
+    return np.stack(batch(m, return_cost=False, n_threads=outer_threads())[1])
+
+
+def _answer(arr: np.ndarray, perm: np.ndarray, obj: np.ndarray | None, method: str, gap: float,
+            stats: dict) -> Assignment:
+    """The Assignment in ``solve``'s final shapes; the objective (and the permutation check) by one
+    C pass unless ``obj`` comes from the C JV, which checked its permutations itself."""
+    n = arr.shape[-1]
+    if obj is None:
+        obj, bad = native.objective_checked(arr.reshape(-1, n, n), perm)
+        if bad >= 0:
+            raise RuntimeError(f"solver {method!r} returned a non-permutation (a row is not a permutation of "
+                               f"0..{n - 1})")
+    return Assignment(torch.from_numpy(perm.reshape(arr.shape[:-1])), torch.from_numpy(obj.reshape(arr.shape[:-2])),
+                      True, gap, method, stats)
+
+
+def _small_single(arr: np.ndarray, maximize: bool, dense: str) -> Assignment:
+    """One problem under ROW_BOUND_MIN_ENTRIES entries (``solve_auto_cpu``): the C dense JV, whose
+    column reduction is also the NaN/Inf check; a hard problem (JV_KNOTS) goes to lapjvr instead.
+    One C call for an easy problem: each extra numpy/torch call is ~1% of a 0.1 ms solve."""
+    n = arr.shape[-1]
+    arr3 = arr.reshape(1, n, n)
+    s = -1.0 if maximize else 1.0
+    perm, obj, status = native.jv(arr3, s, 1, 0.0 if dense == "scipy" else jv_threshold(n))
+    st = int(status[0])
+    if st == native.JV_OK:
+        return _answer(arr, perm, obj, "jv", 0.0, {"auto_choice": "jv"})
+    if st == native.JV_NONFINITE:
+        raise _nonfinite(0, n)
+    if st != native.JV_DEFERRED:
+        raise RuntimeError("solver 'jv' returned a non-permutation")
+    perm = _lapjvr(dense, np.negative(arr3) if maximize else arr3)
+    return _answer(arr, perm, None, dense, 0.0, {"auto_choice": dense})
+
+
+def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
+    """``solve(cost, "auto")`` on CPU with the C extension, from the input as given; None when it
+    does not apply (GPU, other dtypes, n < 2, no C extension: the general path ``solve_auto``).
+
+    A single problem under ROW_BOUND_MIN_ENTRIES entries: ``_small_single``. Otherwise one fused C
+    pass (``native.prepare``) does the NaN/Inf check, the row bound (each row's best column, and
+    how many distinct columns they are) and, where a dense solve is certain (batches, n below the
+    first certified knot, maximisation, a lapjvr package), the negated copy lapjvr minimises.
+    Problems the row bound settles are done. Of the rest, easy ones (distinct >= jv_threshold(n))
+    go to the C JV, the others to ``auto_choice``'s backend (lapjvr, or certified when large).
+    A last C pass checks every permutation and sums the float64 objective from the input. Answer
+    and shapes as ``solve`` (perm (n,) / (b, n), objective () / (b,)); stats: auto_choice (the
+    backend of the problems not settled, "jv+laprust" when split), row_best (problems settled).
+    Why: the general path's separate passes and per-call overheads cost 40-50 µs around a 0.1 ms
+    solve at n = 256, and three O(n^2) passes before a large one.
+    """
+    arr = _cpu_array(cost)
+    if arr is None or not native.native_available():
+        return None
+    dense = dense_backend()
+    if arr.ndim == 2 and arr.size < ROW_BOUND_MIN_ENTRIES:
+        return _small_single(arr, maximize, dense)
+    n = arr.shape[-1]
+    arr3 = arr.reshape(-1, n, n)
+    b = arr3.shape[0]
+    s = -1.0 if maximize else 1.0
+    dense_sure = dense != "scipy" and (b > 1 or n < CERTIFIED_KNOTS["native"][0][0])
+    out = np.empty_like(arr3) if maximize and dense_sure else None
+    best = np.empty((b, n), dtype=np.int64)
+    ndistinct = np.empty(b, dtype=np.int64)
+    first = native.prepare(arr3, s, out, best, ndistinct)
+    if first >= 0:
+        raise _nonfinite(first, n)
+    settled = ndistinct == n
+    n_ok = int(settled.sum())
+    if n_ok == b:
+        return _answer(arr, best, None, "auto", 0.0, {"auto_choice": "row-best", "row_best": b})
+    frac = ndistinct / n
+    easy = ~settled & (frac >= (0.0 if dense == "scipy" else jv_threshold(n)))
+    hard = ~settled & ~easy
+    perm = best
+    gap, stats, names = 0.0, {}, []
+    if easy.any():
+        idx = np.flatnonzero(easy)
+        sub = arr3 if idx.size == b else arr3[idx]
+        p, _, status = native.jv(sub, s, outer_threads(), 0.0)
+        if (status != native.JV_OK).any():
+            raise RuntimeError("solver 'jv' returned a non-permutation")
+        perm[idx] = p
+        names.append("jv")
+    if hard.any():
+        idx = np.flatnonzero(hard)
+        name = auto_choice(idx.size, n, "cpu", float(frac[idx].min()), torch.from_numpy(arr3[idx[0]:idx[0] + 1]))
+        names.append(name)
+        if name in ("laprust", "lapx"):
+            m = out if out is not None else np.negative(arr3) if maximize else arr3
+            perm[idx] = _lapjvr(name, m if idx.size == b else m[idx])
+        else:
+            with scan_threads("cpu"):
+                res = _solvers()[name].fn(torch.from_numpy(arr3 if idx.size == b else arr3[idx]), maximize)
+            perm[idx] = res.perm.numpy()
+            gap, stats = res.gap, res.stats
+    name = "+".join(names)
+    return _answer(arr, perm, None, name, gap, {**stats, "auto_choice": name, "row_best": n_ok})
 
 
 def solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:

@@ -31,7 +31,7 @@ Algorithm for one (n, n) cost (docs/design.md, Certified sparse-exact):
 The check is float32-first but safe: R is computed in float32 and every row whose float32
 minimum is below a margin that bounds the float32 rounding error is recomputed in float64;
 only float64 values decide certification. After ``max_rounds`` rounds we fall back to the
-dense scipy solve (stats["fallback"]).
+dense JV solve (stats["fallback"]; scipy without laprust or lapx).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from rebasin_kernels.sinkhorn import log_sinkhorn
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
+from rebasin.solvers import native as _native
 from rebasin.solvers._common import Array, Assignment, OneSolve, solve_each
 from rebasin.solvers.sinkhorn_backend import default_eps
 
@@ -423,10 +424,84 @@ def _certificate_loop(
 def _dense_solve(c: torch.Tensor) -> np.ndarray:
     """Exact dense solve of the (n, n) costs to minimise ``c``: perm (n,) int64.
 
-    scipy, not lapx: on the degenerate/structured costs that reach this point lapx's JV was
-    measured up to 6x slower than scipy (adversarial, n=2048).
+    The dense JV backend (laprust / lapx's lapjvr, float64 potentials) where installed, else scipy:
+    on the degenerate costs that reach this point (the certificate loop stalled) lapjvr was
+    measured 0.9-1.2x scipy's time on the adversarial kind and 8-10x faster on the integer kind
+    (n = 1024-4096; lapx's older lapjvs had been up to 6x slower than scipy there).
     """
-    return np.asarray(linear_sum_assignment(c.double().cpu().numpy())[1], dtype=np.int64)
+    from rebasin.solvers.auto import dense_backend  # auto imports this module
+    from rebasin.solvers.registry import SOLVERS
+
+    name = dense_backend()
+    if name == "scipy":
+        return np.asarray(linear_sum_assignment(c.double().cpu().numpy())[1], dtype=np.int64)
+    return SOLVERS[name].fn(c.detach().cpu()[None], False).perm[0].numpy()
+
+
+def _native_ok(cost: torch.Tensor, sinkhorn_iters: int, jitter: float) -> bool:
+    """Whether the C path applies: a CPU float32/float64 cost, the C extension built, the default
+    reduction duals (Sinkhorn duals and jitter are torch-path options)."""
+    return (cost.device.type == "cpu" and cost.dtype in (torch.float32, torch.float64) and sinkhorn_iters <= 0
+            and jitter <= 0 and _native.native_available())
+
+
+def _certified_native(cost: torch.Tensor, maximize: bool, *, k: int, max_rounds: int, add_per_row: int,
+                      tol_rel: float) -> tuple[np.ndarray, bool, float, dict]:
+    """The certified solve on CPU with the C passes (``rebasin.solvers.native``); same steps, three
+    changes: maximisation reads ``-C`` on the fly (no negated copy); the sparse optimum is
+    warm-started from the previous round and its Dijkstra potentials are the exact duals (no
+    Bellman-Ford); the certificate is float64 throughout and, after the first round, rechecks only
+    the rows whose ``u_i`` grew (or that violated before): with ``u_i`` not grown and every ``v_j``
+    not grown, each ``R_ij = (s C_ij - v_j) - u_i`` can only grow — float subtraction is monotone —
+    so a row that passed keeps passing (all rows are rechecked if any ``v_j`` grew).
+    Returns (perm (n,), certified, gap, stats) like ``certified_one``."""
+    t0 = time.perf_counter()
+    c = cost.detach().numpy()
+    n = c.shape[0]
+    s = -1.0 if maximize else 1.0
+    _, g, ei, ej, scale = _native.candidates(c, s, k)
+    ar = np.arange(n, dtype=np.int64)
+    key = np.unique(np.concatenate([ei * n + ej, ar * (n + 1)]))  # + the identity: a perfect matching exists
+    tol = tol_rel * (scale if scale > 0 else 1.0)
+    stats: dict[str, Any] = {"n": n, "native": True, "sinkhorn_iters": 0, "t_sinkhorn": 0.0,
+                             "t_candidates": time.perf_counter() - t0}
+    matcher = _native.SparseMatcher(n, g)
+    rowmin = np.zeros(n)
+    rows = ar
+    u_old = v_old = None
+    rounds: list[dict[str, Any]] = []
+    t_sparse = t_check = 0.0
+    perm = None
+    for rnd in range(1, max_rounds + 1):
+        ta = time.perf_counter()
+        ei, ej = np.divmod(key, n)
+        w = c[ei, ej].astype(np.float64)
+        if maximize:
+            np.negative(w, out=w)
+        perm = matcher.solve(ei, ej, w)
+        if perm is None:  # cannot happen: the identity's edges are always candidates
+            raise RuntimeError("certified: no perfect matching on the candidate edges")
+        tb = time.perf_counter()
+        u, v = matcher.u, matcher.v
+        if u_old is not None:
+            rows = ar if bool((v > v_old).any()) else np.flatnonzero((u > u_old) | (rowmin < -tol))
+        br, bc, bad = _native.check(c, s, u, v, tol, min(128, add_per_row << (rnd - 1)), rows, rowmin)
+        t_sparse, t_check = t_sparse + tb - ta, t_check + time.perf_counter() - tb
+        rounds.append({"edges": int(key.size), "checked_rows": int(rows.size),
+                       "min_reduced": min(0.0, float(rowmin.min())), "violations": int(br.size),
+                       "violating_rows": bad})
+        if br.size == 0 or _stalled(rounds, n):
+            break
+        u_old, v_old = u.copy(), v.copy()
+        key = np.union1d(key, br * n + bc)
+    gap = float(-np.minimum(rowmin, 0.0).sum())
+    stats.update({"rounds": len(rounds), "round_info": rounds, "t_sparse": t_sparse, "t_duals": 0.0,
+                  "t_check": t_check, "k_final": k})
+    if not rounds or rounds[-1]["violations"]:
+        perm, gap = _dense_solve(cost if not maximize else -cost.detach()), 0.0
+        stats["fallback"] = "dense JV: certificate loop not converging"
+    stats["t_total"] = time.perf_counter() - t0
+    return perm, True, gap, stats
 
 
 def certified_one(
@@ -441,12 +516,17 @@ def certified_one(
     tol_rel: float = 1e-9,
     jitter: float = 0.0,
     chunk: int | None = None,
+    native: bool | None = None,
 ) -> tuple[np.ndarray, bool, float, dict]:
     """Solve one (n, n) problem; returns (perm (n,) int64, certified, gap, stats).
 
     The steps of the module docstring; when the certificate loop does not certify, the dense
-    scipy solve (stats["fallback"]).
+    JV solve (stats["fallback"]). On CPU with the C extension built (and the default reduction
+    duals) the C passes run them (``_certified_native``, stats["native"]); ``native=False`` forces
+    the torch path.
     """
+    if native is not False and _native_ok(cost, sinkhorn_iters, jitter):
+        return _certified_native(cost, maximize, k=k, max_rounds=max_rounds, add_per_row=add_per_row, tol_rel=tol_rel)
     t0 = time.perf_counter()
     n = cost.shape[0]
     c, c32 = _minimisation_costs(cost, maximize)
@@ -467,7 +547,7 @@ def certified_one(
     stats.update(loop_stats)
     if perm is None:
         perm, gap = _dense_solve(c), 0.0
-        stats["fallback"] = "scipy dense: certificate loop not converging"
+        stats["fallback"] = "dense JV: certificate loop not converging"
     stats["t_total"] = time.perf_counter() - t0
     return perm, True, gap, stats
 

@@ -11,10 +11,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rebasin.solvers._common import Array, Assignment, SolverSpec, SolverUnavailable, check_perm, finite_check
-from rebasin.solvers.auto import solve_auto
+from rebasin.solvers._common import (
+    Array,
+    Assignment,
+    SolverSpec,
+    SolverUnavailable,
+    check_perm,
+    finite_check,
+    scan_threads,
+)
+from rebasin.solvers.auto import solve_auto, solve_auto_cpu
 from rebasin.solvers.certified import solve_certified
 from rebasin.solvers.emd_backend import emd_available, solve_emd
+from rebasin.solvers.laprust_backend import laprust_available, solve_laprust
 from rebasin.solvers.lapx_backend import lapx_available, solve_lapx
 from rebasin.solvers.scipy_backend import solve_scipy
 from rebasin.solvers.sinkhorn_backend import solve_sinkhorn
@@ -28,6 +37,7 @@ def _always() -> bool:
 SOLVERS: dict[str, SolverSpec] = {
     "scipy": SolverSpec("scipy", solve_scipy, True, _always),
     "lapx": SolverSpec("lapx", solve_lapx, True, lapx_available),
+    "laprust": SolverSpec("laprust", solve_laprust, True, laprust_available),
     "emd": SolverSpec("emd", solve_emd, True, emd_available),
     "sinkhorn": SolverSpec("sinkhorn", solve_sinkhorn, False, _always),
     "certified": SolverSpec("certified", solve_certified, True, _always),
@@ -80,6 +90,10 @@ def solve(cost: Array, method: str = "auto", maximize: bool = True, **opts) -> A
         ValueError: bad shape, non-square, NaN/Inf ("cost matrix contains NaN/Inf (batch k)"),
             unknown method. SolverUnavailable: the backend's dependency is missing.
     """
+    if method == "auto" and not opts:
+        res = solve_auto_cpu(cost, maximize)  # CPU: the same contract and answer, fused passes
+        if res is not None:
+            return res
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; choose from {', '.join(SOLVERS)}")
     spec = SOLVERS[method]
@@ -95,9 +109,10 @@ def solve(cost: Array, method: str = "auto", maximize: bool = True, **opts) -> A
         perm = torch.zeros((b, n), dtype=torch.int64)
         res = Assignment(perm, torch.zeros(b, dtype=torch.float64), True, 0.0, method, {"trivial": True})
     else:
-        res = spec.fn(batched, maximize, **opts)
+        with scan_threads(batched.device):  # docs/design.md, Thread policy
+            res = spec.fn(batched, maximize, **opts)
     check_perm(res.perm, n, res.method)
-    if isinstance(cost, torch.Tensor):
+    if isinstance(cost, torch.Tensor) and res.perm.device != t.device:
         res.perm = res.perm.to(t.device)
     if t.ndim == 2:
         res.perm = res.perm[0]

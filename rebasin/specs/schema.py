@@ -21,6 +21,14 @@ and ``(text)?`` marks an optional part (e.g. the ``bert.`` prefix of task-head m
 Group templates: a group whose template has placeholders (``layers.{L}.ffn``) exists once per
 layer; one without (``residual``, ``embed``) is global. Resolution records both on each
 :class:`Group` (``template``, ``layer``) so nothing downstream parses group names.
+
+Headless models: a group declared ``output = true`` (the residual stream) is the basis of the
+model's output when no head maps it back (``BertModel``: ``last_hidden_state``). Permuting it
+then permutes the output, so for such a checkpoint resolution marks it ``fixed``: every
+consumer keeps it at the identity (see docs/design.md, Headless models). A checkpoint is
+headless when ``config.json``'s ``architectures`` names one of the family's
+``headless_architectures``, or, without ``architectures``, when it holds none of the family's
+``head_tensors``.
 """
 from __future__ import annotations
 
@@ -57,6 +65,13 @@ class Group:
             group. With one placeholder it is that index (``layers.3.ffn`` -> 3); with
             several (ALBERT ``layers.{G}.{L}``) the indices are flattened in order,
             ``G * n_L + L`` with ``n_L`` stored layers per layer group.
+        rope_layout: which Q/K dims RoPE rotates together (attention groups with ``rope``):
+            ``half`` pairs (i, i + d_head/2), HF's ``rotate_half``; ``interleaved`` pairs (2i, 2i+1).
+            The family file gives ``half``, ``interleaved`` or a config.json key selecting
+            ``interleaved`` when true.
+        fixed: the group must stay the identity in this checkpoint (an output group of a
+            headless model, see the module docstring). Not part of equality: two checkpoints
+            of one shape have equal groups whether or not a head follows.
     """
 
     name: str
@@ -69,6 +84,9 @@ class Group:
     d_head: int = 0
     rope: bool = False
     qk_shared: bool = False
+    rope_layout: str = "half"
+    output: bool = False
+    fixed: bool = field(default=False, compare=False)
 
     @property
     def is_attention(self) -> bool:
@@ -104,6 +122,8 @@ class Spec:
         axes: tensor name -> one entry per axis (AxisRef, or None for an invariant axis).
         shapes: tensor name -> shape.
         sizes: the family's named sizes (``d_model``, ...) evaluated on the config.
+        headless: why this checkpoint counts as headless (its output groups are then
+            ``fixed``), or None when a head maps the residual stream back.
     """
 
     family: str
@@ -111,6 +131,17 @@ class Spec:
     axes: dict[str, tuple[AxisRef | None, ...]]
     shapes: dict[str, tuple[int, ...]]
     sizes: dict[str, int] = field(default_factory=dict)
+    headless: str | None = None
+
+    @property
+    def fixed_groups(self) -> list[str]:
+        """Groups that must stay the identity (output groups of a headless model)."""
+        return [name for name, g in self.groups.items() if g.fixed]
+
+    def free_output(self) -> Spec:
+        """This spec with no group fixed: for a job whose output lives in another model's
+        basis (``transfer`` writes ``B + α·π(τ)``, so π may move A's residual stream)."""
+        return replace(self, groups={n: replace(g, fixed=False) for n, g in self.groups.items()})
 
     def tensors_of(self, group: str) -> list[str]:
         """Tensors with at least one axis in ``group``."""
@@ -134,6 +165,8 @@ class FamilySpec:
     tensor_table: tuple[tuple[str, tuple[str, ...]], ...]
     architectures: dict[str, dict[str, list[str]]]
     source: Path
+    headless_architectures: tuple[str, ...] = ()
+    head_tensors: tuple[str, ...] = ()
 
     @classmethod
     def from_file(cls, path: str | Path, *, _children: tuple[Path, ...] = ()) -> FamilySpec:
@@ -164,6 +197,8 @@ class FamilySpec:
             tensors.update((k, list(v)) for k, v in parent.tensor_table if k not in tensors)
             architectures = {arch: {**parent.architectures.get(arch, {}), **architectures.get(arch, {})}
                              for arch in {**parent.architectures, **architectures}}
+            data.setdefault("headless_architectures", list(parent.headless_architectures))
+            data.setdefault("head_tensors", list(parent.head_tensors))
         return cls(
             name=data["family"],
             model_types=tuple(data.get("model_types", [data["family"]])),
@@ -172,6 +207,8 @@ class FamilySpec:
             tensor_table=tuple((k, tuple(v)) for k, v in tensors.items()),
             architectures=architectures,
             source=path,
+            headless_architectures=tuple(data.get("headless_architectures", ())),
+            head_tensors=tuple(data.get("head_tensors", ())),
         )
 
     def tensor_patterns(self, config: dict[str, Any]) -> list[tuple[str, re.Pattern[str], tuple[str, ...]]]:
@@ -221,7 +258,7 @@ class FamilySpec:
                     continue
                 template, _, role = entry.partition(":")
                 gname = template.format(**idx)
-                group = declared.get(template) or self._make_group(template, sizes)
+                group = declared.get(template) or self._make_group(template, sizes, config)
                 declared[template] = group
                 found.setdefault(gname, (template, tuple(int(idx[k]) for k in _PLACEHOLDER.findall(template))))
                 if group.is_attention and role not in ATTENTION_ROLES:
@@ -235,12 +272,34 @@ class FamilySpec:
                 refs.append(AxisRef(gname, role))
             axes[name] = tuple(refs)
         layers = _layer_indices(found)
-        groups = [replace(declared[template], name=gname, layer=layers[gname])
+        headless = self.headless_reason(config, shapes)
+        groups = [replace(declared[template], name=gname, layer=layers[gname],
+                          fixed=bool(headless) and declared[template].output)
                   for gname, (template, _) in found.items()]
         ordered = {g.name: g for g in sorted(groups, key=_group_order)}
-        return Spec(self.name, ordered, axes, dict(shapes), sizes)
+        return Spec(self.name, ordered, axes, dict(shapes), sizes,
+                    headless if any(g.fixed for g in groups) else None)
 
-    def _make_group(self, template: str, sizes: dict[str, int]) -> Group:
+    def headless_reason(self, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why a checkpoint has no head mapping its residual stream back (None when it has one).
+
+        ``architectures`` decides when config.json has it; without it, the absence of every
+        ``head_tensors`` pattern does (a tied LM head stores no tensor of its own, so such a
+        checkpoint counts as headless: the safe side, its residual stays put).
+        """
+        archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+        base = [a for a in archs if a in self.headless_architectures]
+        if base:
+            return f"config.json names {base[0]}, a base model without a head: its output is the last hidden state"
+        if archs or not self.head_tensors:
+            return None
+        regexes = [compile_pattern(p) for p in self.head_tensors]
+        if any(r.fullmatch(name) for name in shapes for r in regexes):
+            return None
+        return ("no head tensor (" + ", ".join(self.head_tensors[:3]) + ("…" if len(self.head_tensors) > 3 else "")
+                + ") and no architectures in config.json: the output is taken to be the last hidden state")
+
+    def _make_group(self, template: str, sizes: dict[str, int], config: dict[str, Any] | None = None) -> Group:
         """The group a template declares, named after the template and not yet given a layer."""
         if template not in self.groups:
             raise ArchitectureError(f"spec error in {self.source.name}: group '{template}' is not declared")
@@ -256,8 +315,20 @@ class FamilySpec:
                 raise ArchitectureError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
             return Group(template, template, None, kind="attention", size=n_heads * d_head, n_heads=n_heads,
                          n_kv_heads=n_kv, d_head=d_head, rope=bool(g.get("rope", False)),
-                         qk_shared=bool(g.get("qk_shared", False)))
-        return Group(template, template, None, kind="plain", size=size("size"))
+                         qk_shared=bool(g.get("qk_shared", False)), output=bool(g.get("output", False)),
+                         rope_layout=_rope_layout(g.get("rope_layout", "half"), config or {}, self.source.name))
+        return Group(template, template, None, kind="plain", size=size("size"), output=bool(g.get("output", False)))
+
+
+def _rope_layout(value: str, config: dict[str, Any], source: str) -> str:
+    """``rope_layout``: ``half`` (HF ``rotate_half``: pairs (i, i + d/2)), ``interleaved`` (pairs
+    (2i, 2i+1)), or a config.json key whose truth selects ``interleaved`` (DeepSeek-V3's
+    ``rope_interleave``; absent or false: ``half``)."""
+    if value in ("half", "interleaved"):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ArchitectureError(f"spec error in {source}: rope_layout must be half, interleaved or a config key")
+    return "interleaved" if _lookup(config, value) else "half"
 
 
 def _layer_indices(found: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, int | None]:

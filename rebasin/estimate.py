@@ -1,0 +1,273 @@
+"""Predicted peak memory and time of each job, from a measured model of this code.
+
+Every figure is a sum of parts the code really allocates (docs/design.md, Scale), with the
+constants measured by ``python -m benchmarks scale`` (``benchmarks/results/scale-cpu.md``):
+
+- ``BASE_RSS``: the interpreter with torch, numpy, scipy and rebasin imported;
+- a *chunk* (:data:`rebasin.streaming.CHUNK_ELEMS` float32 elements, 16 MiB): every
+  per-tensor pass holds a few of them (:data:`COST_CHUNKS`, :data:`STATS_CHUNKS`, ...);
+- the tensors a step holds whole, as stored: for matching, the largest pair (A, B) read for
+  one cost term; for a rebasin transfer, A and A_ft of the largest tensor whose rows move;
+- a cost matrix, n² float32, plus the solver's working copy (:data:`SOLVER_BYTES_PER_ENTRY`);
+- one layer's attention blocks (float32 copies, gathered and concatenated: :data:`ATTN_BYTES_PER_PARAM`);
+- in cached mode, both models' permuted tensors as stored.
+
+Time: the cost GEMMs' floating-point operations (a plain group g costs 2·n_g·numel per tensor
+touching it, per evaluation) over this machine's float32 GEMM rate, measured in ~0.1 s when an
+estimate is made; the solves (weak-signal model, measured); the reads.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rebasin.errors import RefusedError
+from rebasin.model import Model
+from rebasin.specs import Spec
+from rebasin.streaming import CHUNK_ELEMS
+
+GIB = 2**30
+MIB = 2**20
+
+# ---- measured constants (benchmarks/results/scale-cpu.md; 2-core x86 CI machine, torch 2.13 CPU) ----
+BASE_RSS = 400 * MIB            # python + torch + numpy + scipy + rebasin imported (cli match/transfer/apply)
+CHUNK_BYTES = CHUNK_ELEMS * 4   # one float32 chunk
+COST_CHUNKS = 3                 # accumulate_cost: B chunk (fp32), A chunk gathered (stored) and converted (fp32)
+STATS_CHUNKS = 8                # tensor_stats: B, A, π₀(A) chunks and their products, float32
+DIFF_CHUNKS = 10                # transfer: A, A_ft, B row chunks as stored and float32, δ, out (fp32 and cast)
+APPLY_CHUNKS = 3                # apply: gathered rows (twice) and the output copy
+SOLVER_BYTES_PER_ENTRY = 8      # auto/lapx/certified: a float64 copy of the cost (measured 1.4-1.8× the fp32 cost)
+ATTN_BYTES_PER_PARAM = 28       # collect_blocks: B and A as float32, A gathered and both concatenated, + raw held
+ALLOC_SLACK = 1.10              # allocator slack measured on the scale benchmark (freed blocks not yet returned)
+READ_BYTES_PER_S = 1.0e9        # pread + convert from the page cache, per process (2 cores, measured)
+DIFF_BYTES_PER_S = 0.25e9       # transfer --mode diff / apply, output bytes per second (measured)
+SOLVE_S_PER_ENTRY = 2.2e-8      # auto on a weak-signal n×n cost (independently trained models): ~2.2e-8·n² s
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def available_bytes() -> int:
+    """Memory the machine can give now: MemAvailable from /proc/meminfo (else total physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * GIB
+
+
+def budget_bytes(memory: float | None) -> tuple[int, str]:
+    """(budget, how it was set): ``memory`` GiB, or what is free minus a margin (10%, at least 0.5 GiB)."""
+    if memory is not None:
+        return int(memory * GIB), f"--memory {memory:g} GiB"
+    free = available_bytes()
+    margin = max(GIB // 2, free // 10)
+    return max(0, free - margin), f"free memory {human(free)} minus a {human(margin)} margin"
+
+
+_GEMM_RATE: dict[str, float] = {}
+
+
+def gemm_rate(device: torch.device | str = "cpu") -> float:
+    """This process's GEMM rate (FLOP/s) on cost-shaped products, measured once per device (~0.1 s):
+    float32 on CPU, bfloat16 inputs on CUDA (what the cost kernels read there)."""
+    device = torch.device(device)
+    key = device.type
+    if key not in _GEMM_RATE:
+        n, m = (1024, 2048) if key == "cpu" else (4096, 8192)
+        dtype = torch.float32 if key == "cpu" else torch.bfloat16
+        g = torch.Generator().manual_seed(0)
+        b = torch.randn(n, m, generator=g).to(device, dtype)
+        a = torch.randn(n, m, generator=g).to(device, dtype)
+        out = b @ a.T  # warm-up
+        sync = torch.cuda.synchronize if key == "cuda" else (lambda: None)
+        sync()
+        reps, t0 = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < 0.05:
+            out = b @ a.T
+            reps += 1
+        sync()
+        _GEMM_RATE[key] = 2 * n * n * m * reps / (time.perf_counter() - t0)
+        del out
+    return _GEMM_RATE[key]
+
+
+@dataclass
+class JobEstimate:
+    """A job's predicted peak RSS (bytes) and time (seconds), and what they are made of."""
+
+    job: str
+    peak: int
+    seconds: float
+    mode: str = ""
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job, "peak_bytes": self.peak, "seconds": self.seconds, "mode": self.mode,
+                "parts": self.parts, "notes": self.notes}
+
+
+@dataclass
+class MatchEstimate:
+    """Peak RSS of a match streaming and cached, and the time of its first sweep (and of each later one)."""
+
+    streaming: int
+    cached: int
+    cache_bytes: int
+    seconds_first_sweep: float
+    seconds_prepare: float
+    flops_sweep: float
+    parts: dict[str, int] = field(default_factory=dict)
+    world: int = 1
+
+    def seconds(self, sweeps: int = 2) -> float:
+        """Predicted wall time for ``sweeps`` sweeps (a planted or same-lineage pair converges in 2;
+        every sweep after the first re-evaluates only groups whose inputs changed, so this is an
+        upper bound per sweep)."""
+        return self.seconds_prepare + sweeps * self.seconds_first_sweep
+
+    def peak(self, mode: str) -> int:
+        return self.cached if mode == "cached" else self.streaming
+
+
+def _stored_bytes(model: Model, name: str, dtype: torch.dtype | None) -> int:
+    info = model.checkpoint.tensors[name]
+    if dtype is not None:
+        return info.numel * torch.empty((), dtype=dtype).element_size()
+    return info.nbytes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def estimate_match(spec: Spec, a: Model, b: Model, device: torch.device, world: int = 1, *,
+                   dtype: torch.dtype | None = None) -> MatchEstimate:
+    """Predict a match of ``a`` onto ``b`` (``spec``: the tensors matched, as :func:`rebasin.match` builds it).
+
+    Per rank (:func:`rebasin.distributed.plan_ownership`; one rank without torch.distributed):
+    the GEMM work and reads of the groups and tensors it owns, the solves of its per-layer
+    groups (rank 0 also solves the global ones) and, cached, its own tensors; the figures
+    returned are the largest rank's.
+    """
+    from rebasin.distributed import plan_ownership
+
+    own = plan_ownership(spec, world)
+    names = spec.permuted_tensors()
+    pair = {n: _stored_bytes(a, n, dtype) + _stored_bytes(b, n, dtype) for n in names}
+    cache_r, flops_r, solve_r = [0] * world, [0.0] * world, [0.0] * world
+    for n in names:
+        cache_r[own.tensor_owner.get(n, 0)] += pair[n]
+    # the largest tensor pair a step reads whole, with the cost matrix it accumulates into
+    term_peak = solver_peak = 0
+    for g in spec.groups.values():
+        if g.is_attention:
+            continue
+        tensors = spec.tensors_of(g.name)
+        if not tensors:
+            continue
+        cost = g.size * g.size * 4
+        term_peak = max(term_peak, cost + max(pair[n] for n in tensors) + COST_CHUNKS * CHUNK_BYTES)
+        solver_peak = max(solver_peak, int(cost * (1 + SOLVER_BYTES_PER_ENTRY / 4)))
+        if g.fixed:
+            continue
+        owner = own.group_owner.get(g.name)
+        for n in tensors:
+            axes = sum(1 for r in spec.axes[n] if r is not None and r.group == g.name)
+            flops_r[owner if owner is not None else own.tensor_owner.get(n, 0)] += 2.0 * g.size * _numel(
+                spec.shapes[n]) * axes
+        solve_r[owner if owner is not None else 0] += SOLVE_S_PER_ENTRY * g.size * g.size
+    stats_peak = max(pair.values(), default=0) + STATS_CHUNKS * CHUNK_BYTES
+    attn_peak = 0
+    for g in spec.groups.values():
+        if g.is_attention:
+            params = sum(_numel(spec.shapes[n]) for n in spec.tensors_of(g.name))
+            attn_peak = max(attn_peak, ATTN_BYTES_PER_PARAM * params)
+    work = max(term_peak, solver_peak, stats_peak, attn_peak)
+    cache = max(cache_r, default=0)
+    parts = {"base": BASE_RSS, "largest_step": int(work), "term_step": int(term_peak), "solve_step": int(solver_peak),
+             "stats_pass": int(stats_peak), "attention_layer": int(attn_peak), "cache": int(cache)}
+    if device.type == "cuda":
+        # weights and costs live on the GPU; the host holds a tensor pair in flight and the solver's copy
+        streaming = int((BASE_RSS + max(max(pair.values(), default=0), solver_peak)) * ALLOC_SLACK)
+        cached = streaming
+    else:
+        streaming = int((BASE_RSS + work) * ALLOC_SLACK)
+        cached = int((BASE_RSS + work + cache) * ALLOC_SLACK)
+    rate = gemm_rate(device)
+    # each tensor is read for two groups per sweep (its layer's and the residual) and once to prepare
+    per_rank = [flops_r[r] / rate + solve_r[r] + 2 * cache_r[r] / READ_BYTES_PER_S for r in range(world)]
+    sweep_s = max(per_rank, default=0.0)
+    prepare_s = max(cache_r, default=0) / READ_BYTES_PER_S
+    return MatchEstimate(streaming, cached, cache, sweep_s, prepare_s, max(flops_r, default=0.0), parts, world)
+
+
+def choose_mode(est: MatchEstimate, memory: float | None, cache: bool | None) -> str:
+    """``cached`` when forced or when its predicted peak fits the budget, else ``streaming``;
+    RefusedError (exit 7) when even streaming does not fit."""
+    budget, how = budget_bytes(memory)
+    if cache is None and est.streaming > budget:
+        raise RefusedError(f"matching needs about {human(est.streaming)} of memory (streaming, predicted) but the "
+                           f"budget is {human(budget)} ({how}); nothing was done. Free memory, pass a larger "
+                           "--memory, or run on several processes (torchrun, see docs/scale.md)")
+    if cache is not None:
+        return "cached" if cache else "streaming"
+    return "cached" if est.cached <= budget else "streaming"
+
+
+def _largest_moving(model: Model, spec: Spec | None = None) -> int:
+    """Bytes of the largest tensor whose axis-0 rows are permuted (read whole by apply / rebasin transfer)."""
+    spec = spec or model.spec
+    best = 0
+    for name, info in model.checkpoint.tensors.items():
+        axes = spec.axes.get(name)
+        if axes and axes[0] is not None:
+            best = max(best, info.nbytes)
+    return best
+
+
+def estimate_apply(model: Model) -> JobEstimate:
+    whole = _largest_moving(model)
+    peak = int((BASE_RSS + whole + APPLY_CHUNKS * CHUNK_BYTES) * ALLOC_SLACK)
+    seconds = model.checkpoint.nbytes() / DIFF_BYTES_PER_S
+    return JobEstimate("apply", peak, seconds, "streaming",
+                       {"base": BASE_RSS, "largest_moving_tensor": whole, "chunks": APPLY_CHUNKS * CHUNK_BYTES})
+
+
+def estimate_write(a: Model, b: Model, rebasin: bool, vocab_tensors: list[str] | None = None) -> JobEstimate:
+    """The write phase of a transfer: row chunks of A, A_ft and B (diff), plus A and A_ft whole
+    for tensors whose rows move (rebasin), plus float32 copies of vocabulary-remapped tensors."""
+    whole = 2 * _largest_moving(a) if rebasin else 0
+    vocab = 0
+    for name in vocab_tensors or []:
+        vocab = max(vocab, 4 * 4 * max(a.checkpoint.tensors[name].numel, b.checkpoint.tensors[name].numel))
+    peak = int((BASE_RSS + max(whole + DIFF_CHUNKS * CHUNK_BYTES, vocab)) * ALLOC_SLACK)
+    seconds = b.checkpoint.nbytes() / DIFF_BYTES_PER_S
+    return JobEstimate("transfer-write", peak, seconds, "streaming",
+                       {"base": BASE_RSS, "whole_tensors": whole, "chunks": DIFF_CHUNKS * CHUNK_BYTES,
+                        "vocab_tensor": vocab})
+
+
+def check_budget(job: str, est: JobEstimate, memory: float | None) -> None:
+    """RefusedError (exit 7), before any work, when ``est.peak`` exceeds the budget."""
+    budget, how = budget_bytes(memory)
+    if est.peak > budget:
+        raise RefusedError(f"{job} needs about {human(est.peak)} of memory (predicted) but the budget is "
+                           f"{human(budget)} ({how}); nothing was done")

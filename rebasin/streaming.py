@@ -1,0 +1,73 @@
+"""Row-chunked tensor work shared by ``apply``, ``transfer`` and the matcher.
+
+A chunk is a range of rows of axis 0, sized so that its float32 copy is about
+:data:`CHUNK_ELEMS` elements: the memory any per-tensor pass holds beyond its inputs is a
+few chunks, whatever the tensor's size. Chunk boundaries depend only on the tensor's
+shape, never on the memory mode, so streaming and cached runs do the same arithmetic.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from rebasin.errors import NonFiniteError
+from rebasin.permutation import axis_index, has_rotation
+from rebasin.specs import Spec
+from rebasin.symmetry import rotated_rows
+
+CHUNK_ELEMS = 1 << 22  # 4 Mi elements: 16 MiB in float32
+
+
+def row_chunks(shape: tuple[int, ...] | torch.Size, elems: int | None = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) ranges of axis 0 covering ``shape`` (one range for a 0-d or empty tensor)."""
+    elems = elems or CHUNK_ELEMS
+    if len(shape) == 0:
+        yield 0, 1
+        return
+    rows = shape[0]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, elems // per_row)
+    if rows == 0:
+        yield 0, 0
+        return
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def permuted_rows(spec: Spec, name: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor] | None,
+                  start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of π(tensor) (of ``tensor`` when ``perms`` is None), in ``tensor``'s dtype."""
+    if tensor.dim() == 0:
+        return tensor
+    axes = spec.axes.get(name) if perms is not None else None
+    if not axes:
+        return tensor[start:stop]
+    if any(ref is not None and has_rotation(spec, perms, ref) for ref in axes):
+        return rotated_rows(spec, name, tensor, perms, start, stop)  # orthogonal maps mix rows/columns
+    out = tensor
+    for axis, ref in enumerate(axes):
+        if ref is None:
+            if axis == 0:
+                out = out[start:stop]
+            continue
+        idx = axis_index(spec, perms, ref).to(out.device)
+        out = out.index_select(axis, idx[start:stop] if axis == 0 else idx)
+    return out
+
+
+def check_finite_chunk(chunk: torch.Tensor, inputs: list[tuple[torch.Tensor, object, str]], what: str) -> None:
+    """NonFiniteError when ``chunk`` (a result) holds NaN/Inf: naming the input that does, else ``what``.
+
+    The check runs on the result each pass produces anyway (NaN/Inf in any input reaches it),
+    so finite inputs cost one ``isfinite`` of the result chunk and no copy of their own; only a
+    failure looks at the inputs, to name the file and tensor at fault.
+    """
+    if not chunk.is_floating_point() or bool(torch.isfinite(chunk).all()):
+        return
+    for tensor, file, name in inputs:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(f"contains {bad} NaN/Inf value(s)", file=file, tensor=name)
+    raise NonFiniteError(what)

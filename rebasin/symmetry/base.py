@@ -1,0 +1,114 @@
+"""The seam every symmetry kind plugs into (docs/design.md, Symmetries and Permutations file).
+
+A symmetry ``π`` of a resolved :class:`~rebasin.specs.Spec` is a flat mapping key -> tensor
+(the permutations file holds exactly these tensors). Each group has one *kind*, chosen by
+``group.kind``; the kind owns everything about its part of ``π``:
+
+==================  ===================================================================
+keys / shapes       :meth:`SymmetryKind.keys` (always present), :meth:`optional_keys`
+                    (absent means the identity, e.g. rotations), :meth:`shape`
+identity, random    :meth:`identity`, :meth:`random`
+validate            :meth:`validate` (shapes, permutation rows, orthogonality, what the
+                    architecture allows: RoPE pairs, per-dimension norms, ``fixed`` groups)
+invert              :meth:`invert` (``apply(apply(W, π), π⁻¹) == W``; bit for bit without rotations)
+act on an axis      :meth:`gather_index` (the permutation part, an int64 gather index) and
+                    :meth:`apply_axis` (gather, then any rotation of the kind)
+statistics          :meth:`moved`, :meth:`rotation`
+matcher step        plain: ``rebasin.matching.engine._update_plain``; attention:
+                    ``rebasin.matching.attention.update_attention``
+file entries        integer keys are stored int64, float keys (rotations) float64
+                    (:mod:`rebasin.io.perms_file`)
+==================  ===================================================================
+
+Convention: gather indexed by target slot, ``new[i] = old[p[i]]``; a rotation ``R`` acts after
+the gather on blocks of an axis, ``new_block = R @ gathered_block``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rebasin.errors import ArchitectureError
+from rebasin.specs import Group
+
+Perms = dict[str, torch.Tensor]
+Norms = torch.Tensor | None  # (d_head, n) per-dimension norm weights of an attention group, or None
+
+
+def arange_rows(shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """Identity permutations of shape ``shape`` (every row 0..n-1)."""
+    return torch.arange(shape[-1], device=device).expand(shape).clone()
+
+
+def is_perm_rows(t: torch.Tensor) -> bool:
+    n = t.shape[-1]
+    rows = t.reshape(-1, n)
+    if rows.numel() == 0:
+        return True
+    sorted_rows = rows.sort(dim=1).values
+    return bool((sorted_rows == torch.arange(n, device=t.device)).all())
+
+
+def inverse_perm(p: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse of (..., n) permutations."""
+    return torch.argsort(p, dim=-1)
+
+
+def fixed_error(spec_headless: str | None, key: str, where: object) -> ArchitectureError:
+    return ArchitectureError(
+        f"must be the identity for this model: {spec_headless or 'it has no head'}, so permuting the "
+        "residual stream would permute the model's output features (not a symmetry); use permutations "
+        "that `rebasin match` found for this model", file=where, tensor=key)
+
+
+class SymmetryKind:
+    """One kind of symmetry group; subclasses implement every method for their ``group.kind``."""
+
+    name = ""
+
+    def keys(self, group: Group) -> list[str]:
+        raise NotImplementedError
+
+    def optional_keys(self, group: Group) -> list[str]:
+        return []
+
+    def shape(self, group: Group, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def identity(self, group: Group) -> Perms:
+        raise NotImplementedError
+
+    def random(self, group: Group, generator: torch.Generator | None, *, rotations: bool = False,
+               norms: Norms = None) -> Perms:
+        raise NotImplementedError
+
+    def validate(self, group: Group, perms: Mapping[str, torch.Tensor], *, where: object = None,
+                 headless: str | None = None, norms: Norms = None) -> None:
+        raise NotImplementedError
+
+    def invert(self, group: Group, perms: Mapping[str, torch.Tensor]) -> Perms:
+        raise NotImplementedError
+
+    def gather_index(self, group: Group, perms: Mapping[str, torch.Tensor], role: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def has_rotation(self, group: Group, perms: Mapping[str, torch.Tensor], role: str) -> bool:
+        """Whether :meth:`apply_axis` does more than gather for ``role``."""
+        return False
+
+    def apply_axis(self, group: Group, perms: Mapping[str, torch.Tensor], role: str, tensor: torch.Tensor,
+                   axis: int) -> torch.Tensor:
+        return tensor.index_select(axis, self.gather_index(group, perms, role).to(tensor.device))
+
+    def moved(self, group: Group, perms: Mapping[str, torch.Tensor]) -> float:
+        raise NotImplementedError
+
+    def rotation(self, group: Group, perms: Mapping[str, torch.Tensor]) -> float:
+        """How far the rotations of the group are from the identity (0 when it has none)."""
+        return 0.0
+
+    def describe(self, group: Group) -> dict[str, Any]:
+        """What the kind allows for this group (for ``rebasin inspect``)."""
+        return {}
