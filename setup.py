@@ -1,4 +1,6 @@
 """rebasin: move a fine-tune onto a new base model by re-basin of its task vector."""
+from pathlib import Path
+
 from setuptools import Extension, find_packages, setup
 
 # The certified solver's C passes (rebasin/solvers/_lapcore.c: plain C and the buffer protocol, no
@@ -12,7 +14,7 @@ setup(
     version="0.1.0",
     description="GPU-accelerated optimal-transport matching of transformer weights; "
     "transfers fine-tunes between base-model releases (ParamΔ and TransFusion re-basin).",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     # The repository keeps kernels/ at the top; it installs as `rebasin_kernels` so it cannot clash with

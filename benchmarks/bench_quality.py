@@ -34,6 +34,9 @@ METHOD_ORDER = ("B", "A_ft", "diff α=1", "rebasin α=1", "diff auto", "rebasin 
                 "rebasin auto-layer", "B_ft", "merge ½(A+B)", "merge ½(π(A)+B)")
 
 
+LAST_RUN: dict[str, Any] = {}  # wall time of the last run and what it trained, for the report
+
+
 def _log(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -55,11 +58,15 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
     preset = "quick" if quick else "full"
     raw: list[dict[str, Any]] = []
     t_all = time.perf_counter()
+    LAST_RUN.clear()
+    LAST_RUN.update(seeds=n_seeds, preset=preset, threads=torch.get_num_threads(), trained=0, train_s=0.0)
     for family in FAMILIES:
         r = recipe(family, preset)
         for seed in range(n_seeds):
             t0 = time.perf_counter()
             ps = build_pair_set(r, seed, log=_log)
+            LAST_RUN["trained"] += len(ps.timings)
+            LAST_RUN["train_s"] += sum(ps.timings.values())
             if ps.timings:
                 _log(f"{family} seed {seed}: trained {len(ps.timings)} models in {time.perf_counter() - t0:.0f} s")
             evaluated: dict[Path, dict[str, float]] = {}
@@ -89,7 +96,8 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
                     if key in res.merges:
                         raw.append({**common, "method": name, "general": res.merges[key],
                                     "cost": _cost(r.higher_is_better, res.base["general"], res.merges[key])})
-    _log(f"done in {time.perf_counter() - t_all:.0f} s")
+    LAST_RUN["seconds"] = time.perf_counter() - t_all
+    _log(f"done in {LAST_RUN['seconds']:.0f} s")
     return aggregate(raw)
 
 
@@ -160,7 +168,12 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
 
     machine = ", ".join(f"{k}={v}" for k, v in info.items())
     seeds = max((r["seeds"] for r in records), default=0)
-    lines = ["# quality: fine-tune transfer onto three kinds of new base", "", f"Machine: {machine}", "",
+    run = ""
+    if LAST_RUN.get("seconds") is not None:
+        run = (f"Run: {LAST_RUN['seconds']:.0f} s wall with {LAST_RUN['threads']} torch thread(s), of which "
+               f"{LAST_RUN['train_s']:.0f} s training {LAST_RUN['trained']} models (the others came from the "
+               "cache); load averages above are at the end of the run.")
+    lines = ["# quality: fine-tune transfer onto three kinds of new base", "", f"Machine: {machine}", "", run, "",
              f"Seeds: {seeds} (whole pair sets; ± is the sample standard deviation over seeds). *gain* = "
              "(transfer − B) / (B_ft − B) on the fine-tune's held-out task: 100% = as good as fine-tuning B "
              "directly, 0% = no better than B. *cost* = how much worse than B on B's own task (loss: nats/char, "
@@ -181,6 +194,17 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 rec = by.get((fam, kind, m))
                 cells.append("" if rec is None else ("failed" if "error" in rec else _pm(rec, "recovered", ".0%")))
             lines.append(f"| {fam} | {KIND_LABELS[kind]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Was the verdict right? (seeds where it held / seeds)", "",
+              "| family | " + " | ".join(KIND_LABELS[k] for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+    for fam in FAMILIES:
+        if not any(r["family"] == fam for r in records):
+            continue
+        cells = []
+        for kind in KINDS:
+            parts = [f"{m.replace(' auto', '')}: {by[(fam, kind, m)]['verdict_right']}"
+                     for m in methods[2:] if "verdict_right" in by.get((fam, kind, m), {})]
+            cells.append(", ".join(parts))
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     for fam in FAMILIES:
         recs = [r for r in records if r["family"] == fam]
         if not recs:
@@ -225,7 +249,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     colors = {"diff α=1": "#aec7e8", "rebasin α=1": "#ffbb78", "diff auto": "#1f77b4", "rebasin auto": "#ff7f0e",
               "diff auto-layer": "#17becf", "rebasin auto-layer": "#d62728"}
     fams = [f for f in FAMILIES if any(r["family"] == f for r in records)]
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.6), sharey=True, squeeze=False)
     by = {(r["family"], r["kind"], r["method"]): r for r in records}
     width = 0.8 / max(1, len(methods))
     lowest = min((100 * s["recovered"] for r in records for s in r.get("per_seed", [])
@@ -249,8 +273,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(FAMILY_LABELS[fam], fontsize=10)
         ax.set_ylim(min(-50.0, lowest - 10), 130)
     axes[0][0].set_ylabel("fine-tune gain recovered (% of B_ft's)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -33,11 +33,28 @@ def device_info(device: str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    info.update(machine_state())
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def machine_state() -> dict[str, Any]:
+    """The CPU model and the load averages (1, 5, 15 min) now: a timing on a shared machine is only
+    comparable with the load it ran under."""
+    state: dict[str, Any] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if models:
+            state["cpu_model"] = models[0]
+    except OSError:
+        pass
+    if hasattr(os, "getloadavg"):
+        state["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    return state
 
 
 def synchronize(device: str) -> None:

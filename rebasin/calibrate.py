@@ -36,14 +36,14 @@ from tqdm.auto import tqdm
 
 from rebasin.errors import RebasinError
 from rebasin.hf import load_hf_model, module_spec, primary_output
-from rebasin.permutation import apply_to_state
+from rebasin.permutation import apply_to_state, random_perms
 from rebasin.probes import Probes, make_probes
 from rebasin.vocab import VocabMap
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-EXTEND = (2.5, 3.0, 4.0)
 REFINE_STEPS = 5
 CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
+NULL_SHARE = 0.5  # ... of which at least this share must vanish under a random symmetry
 LAYER_STEPS = 150
 LAYER_LR = 0.03
 LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
@@ -75,6 +75,9 @@ class Calibration:
         kl_chosen: D at the written α (α's).
         kl_at_one: D(1) when measured, else None.
         reduction: ``1 − kl_chosen / kl_base``.
+        kl_null, null_reduction: D and its reduction when the same task vector is moved by a random
+            symmetry σ (``B + α·σ(π(τ))``): what the task vector's invariant parts and its size alone
+            buy. A transfer "carries over" only when most of the gain is lost under σ.
         curve: ``[[α, D(α)], ...]`` sorted by α.
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
@@ -88,6 +91,8 @@ class Calibration:
     kl_chosen: float
     kl_at_one: float | None
     reduction: float
+    kl_null: float
+    null_reduction: float
     curve: list[list[float]]
     verdict: str
     line: str
@@ -261,18 +266,42 @@ def _fit_layers(cand: Candidate, teacher: Teacher, alpha: float, kl_alpha: float
     return alphas.detach()
 
 
-def _verdict(alpha: float, reduction: float, requested: str) -> tuple[str, str]:
+def carries_over(reduction: float, null_reduction: float, alpha: float) -> bool:
+    """The gain is real (≥ CARRY_THRESHOLD), found inside the search range (a minimum at its top end
+    means D keeps falling as the task vector is amplified: imitation by distortion, not transfer),
+    and mostly specific to the aligned task vector: at least NULL_SHARE of it is lost when the same
+    task vector is moved by a random symmetry instead."""
+    return (reduction >= CARRY_THRESHOLD and alpha < GRID[-1]
+            and reduction - null_reduction >= NULL_SHARE * reduction)
+
+
+def _verdict(alpha: float, reduction: float, null_reduction: float, requested: str) -> tuple[str, str]:
     pct = f"KL −{reduction:.0%}" if reduction >= 0 else f"KL +{-reduction:.0%}"
+    null = f"; a randomly re-ordered task vector: KL −{null_reduction:.0%}" if null_reduction > 0 else ""
+    ok = carries_over(reduction, null_reduction, alpha if requested in ("auto", "auto-layer") else 0.0)
     if requested not in ("auto", "auto-layer"):
         if reduction < 0:
             return ("does not carry over", f"warning: α = {alpha:g} leaves the output further from the fine-tune "
                     f"than B itself ({pct} vs B); try --alpha auto")
-        verdict = "carries over" if reduction >= CARRY_THRESHOLD else "does not carry over"
-        return verdict, f"{verdict}: α = {alpha:g} (given), {pct} vs B"
-    if reduction >= CARRY_THRESHOLD:
+        verdict = "carries over" if ok else "does not carry over"
+        return verdict, f"{verdict}: α = {alpha:g} (given), {pct} vs B{null if not ok else ''}"
+    if ok:
         return "carries over", f"carries over: α = {alpha:.2f}, {pct}"
-    return "does not carry over", (f"does not carry over: best α ≈ {alpha:.2f} ({pct}); "
-                                   "the output is (almost) B")
+    return "does not carry over", (f"does not carry over: best α ≈ {alpha:.2f} ({pct}{null}); "
+                                   "the output is B (α = 0)")
+
+
+def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
+                     alpha: float | Mapping[str, float], seed: int) -> float:
+    """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict)."""
+    spec = module_spec(b, family)
+    sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
+    saved = cand.delta
+    cand.delta = apply_to_state(spec, sigma, saved)
+    try:
+        return _evaluate(cand, teacher, alpha)
+    finally:
+        cand.delta = saved
 
 
 def task_delta(ft: torch.nn.Module, a_dir: Path, b_module: torch.nn.Module, family: str,
@@ -363,11 +392,6 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     layer_fit = None
     alphas = None
     if isinstance(alpha, str):
-        for a in EXTEND:  # the minimum may lie above the grid
-            best = min(curve, key=curve.get)
-            if best < max(curve):
-                break
-            f(a)
         _refine(f, curve, REFINE_STEPS)
         chosen = min(curve, key=curve.get)
         kl_chosen = curve[chosen]
@@ -390,12 +414,17 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         kl_chosen = curve[chosen]
     kl_base = curve[0.0]
     reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
-    verdict, line = _verdict(chosen, reduction, requested)
+    kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
+    null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
+    verdict, line = _verdict(chosen, reduction, null_reduction, requested)
+    if verdict == "does not carry over" and isinstance(alpha, str):
+        chosen, alphas, kl_chosen, reduction = 0.0, None, kl_base, 0.0  # never worse than B
     if layer_fit is not None:
         line += (f"; per-layer α kept (held-out KL {layer_fit['heldout_layer']:.4g} < "
                  f"{layer_fit['heldout_global']:.4g})"
                  if layer_fit["kept"] else "; per-layer α not kept (no held-out gain over the global α)")
     return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,
                        kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
+                       kl_null=kl_null, null_reduction=null_reduction,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
                        probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0)

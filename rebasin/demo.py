@@ -87,7 +87,7 @@ def run_demo_pipeline(output: str | Path, cache: str | Path | None = None, seed:
     t0 = time.perf_counter()
     ps = build_pair_set(r, seed, cache=root, progress=progress, log=log)
     timings["models"] = time.perf_counter() - t0
-    timings.update({f"train {k}": v for k, v in ps.timings.items()})
+    timings.update({f"build {k}": v for k, v in ps.timings.items()})
 
     evaluated: dict[Path, dict[str, float]] = {}
     t0 = time.perf_counter()
@@ -249,6 +249,7 @@ def _plot(path: Path, results: dict[str, Any]) -> bool:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(1, len(names))
     colors = {"diff α=1": "#aec7e8", "rebasin α=1": "#ffbb78", "diff auto": "#1f77b4", "rebasin auto": "#ff7f0e"}
+    lowest = min([0.0] + [100 * r["recovered"] for k in kinds for r in k["rows"] if r.get("recovered") is not None])
     for j, name in enumerate(names):
         vals = []
         for kind in kinds:
@@ -257,9 +258,11 @@ def _plot(path: Path, results: dict[str, Any]) -> bool:
         bars = ax.bar(x + (j - (len(names) - 1) / 2) * width, vals, width, label=name, color=colors.get(name))
         for bar, v in zip(bars, vals, strict=True):
             if np.isfinite(v):
-                ax.text(bar.get_x() + bar.get_width() / 2, max(v, 0) + 2, f"{v:.0f}", ha="center", fontsize=7)
+                ax.text(bar.get_x() + bar.get_width() / 2, v + (2 if v >= 0 else -2), f"{v:.0f}", ha="center",
+                        va="bottom" if v >= 0 else "top", fontsize=7)
     ax.axhline(100, color="k", lw=0.8, ls="--")
     ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylim(min(-20.0, lowest - 12), 115)
     ax.set_xticks(x, [k["label"].split(":")[0] for k in kinds])
     ax.set_ylabel("gain on code recovered (% of B_ft's)")
     ax.set_title("Fine-tune moved onto B (100% = fine-tuning B itself)", fontsize=9)
@@ -268,7 +271,7 @@ def _plot(path: Path, results: dict[str, Any]) -> bool:
                                             ("aligned", "½(π(A)+B)", "#2ca02c"))):
         vals = [k["base"]["general"] if key == "base" else k["merges"].get(key, np.nan) for k in kinds]
         bx.bar(x + (j - 1) * 0.27, vals, 0.27, label=name, color=color)
-    bx.set_xticks(x, [k["label"].split(":")[0] for k in kinds])
+    bx.set_xticks(x, [k["label"].split(" ")[0] for k in kinds])
     bx.set_ylabel("prose loss (nats/char), lower is better")
     bx.set_title("Weight averaging with B: without and with π", fontsize=9)
     bx.legend(fontsize=7)

@@ -1,6 +1,6 @@
 """Predicted peak memory and time of each job, from a measured model of this code.
 
-Every figure is a sum of parts the code really allocates (docs/design.md, Scale), with the
+Every figure is a sum of parts the code really allocates (docs/scale.md), with the
 constants measured by ``python -m benchmarks scale`` (``benchmarks/results/scale-cpu.md``):
 
 - ``BASE_RSS``: the interpreter with torch, numpy, scipy and rebasin imported;

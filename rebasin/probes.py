@@ -2,10 +2,13 @@
 
 * causal LMs: sequences sampled from the fine-tune itself (temperature 1, seeded) — the
   inputs on which the fine-tune's behaviour is most its own;
-* masked LMs and other text encoders: uniformly random tokens with 15% of positions masked
-  (the divergence is then read at the masked positions when the model predicts tokens);
+* masked LMs: random tokens moved toward the fine-tune's own distribution by a few Gibbs sweeps
+  (mask 15%, redraw from the model), then 15% masked; the divergence is read at the masked
+  positions. Other text encoders: uniformly random tokens;
 * vision models: noise images at the model's input shape, half white noise and half smooth
-  (bilinearly upsampled low-resolution) noise;
+  (bilinearly upsampled low-resolution) noise; for image classifiers three quarters of them are
+  inverted toward a confident class of the fine-tune (a few input-gradient steps with a
+  smoothness prior), so that the probes sit in the fine-tune's decision regions;
 * CLIP: random tokens and noise images together;
 * ``--probe-data PATH``: the user's unlabeled inputs — a text file (one example per line,
   tokenized with the fine-tune's tokenizer) or a ``.safetensors`` file of input tensors
@@ -15,6 +18,7 @@ Every probe set is a deterministic function of the model, the sizes and the seed
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,11 @@ import torch
 from rebasin.errors import InputFileError, RebasinError
 
 MASK_FRACTION = 0.15
+GIBBS_SWEEPS = 8  # masked-LM probes: resampling sweeps from the model before the final masking
+INVERT_STEPS = 40  # image classifiers: input-optimisation steps toward a confident class
+INVERT_LR = 0.1
+INVERT_TV = 0.5
+INVERT_L2 = 0.05
 
 
 @dataclass
@@ -118,11 +127,29 @@ def token_probes(model: torch.nn.Module, count: int, length: int, seed: int, mod
     mask_id = _mask_token(model_dir, cfg) if type(model).__name__.endswith("ForMaskedLM") else None
     if mask_id is None or not 0 <= mask_id < _vocab_size(cfg):
         return Probes(inputs, "random-tokens", meta={"length": length, "seed": seed})
+    gibbs_resample(model, inputs, mask_id, GIBBS_SWEEPS, gen)
     masked = torch.rand(count, length, generator=gen) < MASK_FRACTION
     masked[:, 0] |= ~masked.any(dim=1)
     ids[masked] = mask_id
     return Probes(inputs, "masked", positions=masked, meta={"length": length, "mask_fraction": MASK_FRACTION,
-                                                             "seed": seed})
+                                                             "gibbs_sweeps": GIBBS_SWEEPS, "seed": seed})
+
+
+@torch.no_grad()
+def gibbs_resample(model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask_id: int, sweeps: int,
+                   gen: torch.Generator) -> None:
+    """Move random tokens toward the masked LM's own distribution, in place: each sweep masks a random
+    15% of ``inputs["input_ids"]`` ``(n, seq)`` and redraws them from the model at temperature 1."""
+    ids = inputs["input_ids"]
+    for _ in range(sweeps):
+        chosen = torch.rand(ids.shape, generator=gen) < MASK_FRACTION
+        if not chosen.any():
+            continue
+        probe = ids.clone()
+        probe[chosen] = mask_id
+        logits = model(**{**inputs, "input_ids": probe}).logits[chosen].float()
+        logits[:, mask_id] = -math.inf
+        ids[chosen] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
 
 
 def noise_images(count: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -135,13 +162,41 @@ def noise_images(count: int, channels: int, size: int, gen: torch.Generator) -> 
     return torch.cat([white, smooth])
 
 
+def invert_images(model: torch.nn.Module, pixels: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """Images the classifier is confident about, one target class each (cycling over the classes):
+    ``steps`` Adam steps on ``pixels`` ``(n, c, h, w)`` minimising cross-entropy to the target plus a
+    total-variation and an L2 prior (data-free model inversion). The weights are not touched."""
+    x = pixels.clone().requires_grad_(True)
+    with torch.no_grad():
+        n_classes = int(model(pixel_values=x[:1]).logits.shape[-1])
+    target = (torch.arange(len(x)) + int(torch.randint(0, n_classes, (1,), generator=gen))) % n_classes
+    opt = torch.optim.Adam([x], lr=INVERT_LR)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _ in range(steps):
+        logits = model(pixel_values=x).logits
+        tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+        loss = torch.nn.functional.cross_entropy(logits, target) + INVERT_TV * tv + INVERT_L2 * x.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x.detach()
+
+
 def image_probes(model: torch.nn.Module, count: int, seed: int, length: int) -> Probes:
+    """Noise images; for image classifiers three quarters are inverted toward confident classes."""
     cfg = model.config
     vision = getattr(cfg, "vision_config", None) or cfg
     gen = torch.Generator().manual_seed(seed)
     pixels = noise_images(count, int(getattr(vision, "num_channels", 3)), int(vision.image_size), gen)
     if getattr(cfg, "text_config", None) is None:
-        return Probes({"pixel_values": pixels}, "noise-images", meta={"seed": seed})
+        if not type(model).__name__.endswith("ForImageClassification"):
+            return Probes({"pixel_values": pixels}, "noise-images", meta={"seed": seed})
+        k = count - count // 4
+        with torch.enable_grad():
+            pixels[:k] = invert_images(model, pixels[:k], INVERT_STEPS, gen)
+        return Probes({"pixel_values": pixels}, "inverted-images", meta={"seed": seed, "inverted": k,
+                                                                        "steps": INVERT_STEPS})
     length = _max_len(cfg, min(length, 16))
     ids = torch.randint(0, _vocab_size(cfg), (count, length), generator=gen)
     return Probes({"pixel_values": pixels, "input_ids": ids}, "clip", meta={"length": length, "seed": seed})

@@ -284,7 +284,7 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
                 alpha_of: Callable[[str], float],
                 out_dtype: torch.dtype | None, vocab: VocabMap | None, vocab_axes: dict[str, int],
                 progress: bool) -> dict[str, Any]:
-    """Stream B's tensors into the output, row chunk by row chunk (docs/design.md, Scale).
+    """Stream B's tensors into the output, row chunk by row chunk (docs/scale.md).
 
     Per chunk: rows of B, A and A_ft are read (A and A_ft whole, once per tensor, when π moves
     its rows), ``δ = A_ft − A`` and ``B + α·π(δ)`` in float32, one rounding to the output dtype,

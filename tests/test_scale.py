@@ -25,6 +25,8 @@ from rebasin.matching import match
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, identity, random_perms
 
+TRANSFER_A1 = ["transfer", "--alpha", "1"]  # a given α: these tests check the arithmetic
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -122,7 +124,7 @@ def test_nan_found_in_the_pass_that_reads_it(llama4, tmp_path, capsys):
     ft[name][3, 5] = float("inf")
     save_file(ft, str(bad / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    code = main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(bad),
+    code = main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(bad),
                  "--new-base", str(root / "B"), "-o", str(out), "--mode", "diff"])
     err = capsys.readouterr().err
     assert code == 5 and name in err and "Aft" in err and not out.exists()

@@ -51,7 +51,7 @@ def test_exact_batched(method, kind):
         np.testing.assert_allclose(res.objective.numpy(), ref_objective(c, maximize), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["certified", "auto", "lapx"])
+@pytest.mark.parametrize("method", ["certified", "auto", "lapx", "laprust", "jv"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_exact_large(method, kind):
     if method not in available_solvers():
@@ -172,50 +172,221 @@ def test_lapx_unavailable_message(monkeypatch):
         S.solve(np.eye(3), method="lapx")
 
 
+@pytest.fixture
+def no_native(monkeypatch):
+    """The install without the C extension: numpy/torch paths only."""
+    from rebasin.solvers import native
+
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    assert "jv" not in available_solvers()
+
+
+NATIVE = pytest.mark.skipif("jv" not in available_solvers(), reason="C extension not built")
+
+
+@NATIVE
 @pytest.mark.parametrize("maximize", [True, False])
 def test_auto_row_bound_path_and_mixed_batches(maximize):
-    strong = make_cost("strong", 600, seed=4) * (1 if maximize else -1)
+    sign = 1 if maximize else -1
+    strong = make_cost("strong", 1100, seed=4) * sign  # above JV_MAX_N: the fused row bound
     res = solve(strong, method="auto", maximize=maximize)
     assert res.stats["auto_choice"] == "row-best" and res.certified
     assert float(res.objective) == pytest.approx(ref_objective(strong, maximize)[0], rel=1e-12)
     # a batch where the row bound settles some problems and a backend the rest
+    mixed = torch.cat([make_cost("strong", 1100, batch=2, seed=5), make_cost("uniform", 1100, batch=2, seed=6)])
+    mixed = mixed[torch.tensor([0, 2, 1, 3])] * sign
+    res = solve(mixed, method="auto", maximize=maximize)
+    assert res.stats["row_best"] == 2 and res.stats["auto_choice"] != "row-best"
+    np.testing.assert_allclose(res.objective.numpy(), ref_objective(mixed, maximize), rtol=1e-12)
+    assert_valid(res, (4, 1100))
+    # ties: every row's best column is column 0, not a permutation -> a backend decides
+    res = solve(torch.ones(1100, 1100), method="auto", maximize=maximize)
+    assert res.stats["row_best"] == 0 and float(res.objective) == 1100.0
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_auto_general_path_row_bound(no_native, maximize):
+    """Without the C extension: the torch/numpy row bound, mixed batches, small inputs skip it."""
+    sign = 1 if maximize else -1
+    strong = make_cost("strong", 600, seed=4) * sign
+    res = solve(strong, method="auto", maximize=maximize)
+    assert res.stats["auto_choice"] == "row-best" and res.certified
+    assert float(res.objective) == pytest.approx(ref_objective(strong, maximize)[0], rel=1e-12)
     mixed = torch.cat([make_cost("strong", 256, batch=3, seed=5), make_cost("uniform", 256, batch=3, seed=6)])
-    mixed = mixed[torch.tensor([0, 3, 1, 4, 2, 5])] * (1 if maximize else -1)
+    mixed = mixed[torch.tensor([0, 3, 1, 4, 2, 5])] * sign
     res = solve(mixed, method="auto", maximize=maximize)
     assert res.stats["row_best"] == 3 and res.stats["auto_choice"] != "row-best"
     np.testing.assert_allclose(res.objective.numpy(), ref_objective(mixed, maximize), rtol=1e-12)
-    assert_valid(res, (6, 256))
-    # ties: every row's best column is column 0, not a permutation -> a backend decides
-    res = solve(torch.ones(600, 600), method="auto", maximize=maximize)
-    assert res.stats["row_best"] == 0 and float(res.objective) == 600.0
-    # small inputs skip the bound
     assert "row_best" not in solve(make_cost("strong", 64, seed=1), method="auto").stats
+    for kind in ("weak", "integer"):
+        c = make_cost(kind, 300, seed=2)
+        assert float(solve(c, method="auto", maximize=maximize).objective) == pytest.approx(
+            ref_objective(c, maximize)[0], rel=1e-12)
+    c = make_cost("weak", 700, seed=3)
+    res = solve(c, method="certified")
+    assert "native" not in res.stats
+    assert float(res.objective) == pytest.approx(ref_objective(c, True)[0], rel=1e-12)
 
 
 def test_auto_choice_hook():
     from rebasin.solvers.auto import auto_choice as _auto_choice
+    from rebasin.solvers.auto import certified_threshold, dense_backend
 
-    assert _auto_choice(1, 16, "cpu") in ("lapx", "scipy")
+    dense = dense_backend()
+    assert _auto_choice(1, 16, "cpu") == dense
+    assert _auto_choice(4, 10_000, "cpu") == dense  # batches: dense JV
     assert _auto_choice(1, 10_000, "cpu") == "certified"
-    dense = "lapx" if "lapx" in available_solvers() else "scipy"
-    assert _auto_choice(1, 10_000, "cpu", distinct=0.9) == dense  # few conflicts: dense JV
-    tied = make_cost("integer", 1024, seed=0)[None]
-    assert _auto_choice(1, 1024, "cpu", 0.5, tied) == "scipy"
+    assert _auto_choice(1, 10_000, "cpu", distinct=0.95) == dense  # few conflicts: dense JV
+    tied = make_cost("integer", 3000, seed=0)[None]
+    assert _auto_choice(1, 3000, "cpu", 0.5, tied) == dense  # degenerate duals: dense JV
+    assert certified_threshold(1024, "native") == 0.0
+    assert 0.68 <= certified_threshold(3000, "native") <= 0.79 <= certified_threshold(4096, "native")
+    assert certified_threshold(100_000, "native") == 0.90
+
+
+@NATIVE
+def test_auto_routes_by_shape_and_difficulty():
+    """CPU with the C extension: easy problems and head batches to the C JV, hard mid-size ones to
+    lapjvr, large hard ones to certified, large strong ones to the row bound; always scipy's optimum."""
+    from rebasin.solvers.auto import dense_backend, jv_threshold
+
+    dense = dense_backend()
+    cases = [
+        (make_cost("moderate", 256, seed=1), {"jv"}),
+        (make_cost("strong", 300, seed=1), {"jv"}),
+        (make_cost("weak", 64, batch=64, seed=1), {"jv"}),  # attention heads
+        (make_cost("weak", 128, batch=16, seed=1), {"jv"}),
+        (make_cost("weak", 512, seed=1), {dense}),  # hard above n = 256
+        (make_cost("integer", 256, seed=1), {dense}),  # ties: the column reduction matches few rows
+        (make_cost("weak", 2048, seed=1), {"certified"}),
+        (make_cost("moderate", 2048, seed=1), {"jv"}),  # few conflicts above JV_MAX_N: the C JV
+    ]
+    if dense == "scipy":  # without lapjvr the C JV takes every problem up to JV_MAX_N
+        cases = [(c, {"jv"} if c.shape[-1] <= 1024 else want) for c, want in cases]
+    for c, want in cases:
+        for maximize in (True, False):
+            res = solve(c, method="auto", maximize=maximize)
+            if maximize:  # the kinds are similarities: minimising them is another (harder) problem
+                assert res.stats["auto_choice"] in want, (tuple(c.shape), res.stats["auto_choice"])
+            assert res.certified and res.gap == 0.0
+            np.testing.assert_allclose(res.objective.numpy(), ref_objective(c, maximize), rtol=1e-12)
+    assert jv_threshold(64) == jv_threshold(128) < jv_threshold(256) < jv_threshold(512) <= jv_threshold(1024) <= 1
+    assert jv_threshold(1025) > 1
 
 
 def test_auto_between_row_bound_and_dense_jv():
-    """Planted costs with noise: the row bound settles none, JV or the certificate takes over,
-    the optimum is scipy's either way."""
+    """Planted costs with noise above JV_MAX_N: the row bound settles none, dense JV (the C one
+    with few conflicts, lapjvr with more) or the certificate takes over (by the fraction of
+    distinct best columns), the optimum is scipy's."""
+    from rebasin.solvers.auto import dense_backend
+
     g = torch.Generator().manual_seed(0)
-    n, d = 1024, 256
+    n, d = 2048, 256
     a = torch.randn(n, d, generator=g)
-    for sigma, want in ((3.0, "lapx"), (6.0, "certified")):
+    for sigma, want in ((2.0, {"jv"}), (3.5, {dense_backend()}), (6.0, {"certified"})):
         c = (a[torch.randperm(n, generator=g)] + sigma * torch.randn(n, d, generator=g)) @ a.T / d
         res = solve(c, method="auto")
         assert res.stats["row_best"] == 0 and res.certified
-        if "lapx" in available_solvers():
-            assert res.stats["auto_choice"] == want
+        if "jv" in available_solvers():
+            assert res.stats["auto_choice"] in want, (sigma, res.stats)
         assert float(res.objective) == pytest.approx(ref_objective(c, True)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("method", [m for m in ("jv", "laprust", "lapx", "auto") if m in available_solvers()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_backends_large_values_and_ties(method, dtype):
+    """Large finite magnitudes (no -inf anywhere), exact ties, n = 1, batches, float32 and float64."""
+    big = 1e30 if dtype == torch.float32 else 1e300
+    cases = [
+        make_cost("uniform", 50, batch=3, seed=1).to(dtype) * big,
+        (make_cost("uniform", 40, seed=2).to(dtype) - 0.5) * big,
+        make_cost("integer", 33, batch=2, seed=3).to(dtype),
+        make_cost("constant", 20, seed=4).to(dtype),
+        torch.full((1, 1), -big, dtype=dtype),
+        make_cost("adversarial", 70, seed=5).to(dtype),
+    ]
+    for c in cases:
+        for maximize in (True, False):
+            res = solve(c, method=method, maximize=maximize)
+            assert_valid(res, tuple(c.shape[:-1]))
+            np.testing.assert_allclose(res.objective.numpy(), ref_objective(c, maximize), rtol=1e-12)
+
+
+@NATIVE
+def test_jv_defers_hard_problems_and_checks_input():
+    from rebasin.solvers import native
+
+    c = make_cost("weak", 64, batch=4, seed=0).numpy().copy()
+    perm, obj, status, bad = native.jv(c, -1.0, 2, 0.0)
+    assert (status == native.JV_OK).all() and bad == 0
+    np.testing.assert_allclose(obj, ref_objective(torch.from_numpy(c), True), rtol=1e-12)
+    assert (native.jv(c, -1.0, 1, 0.99)[2] == native.JV_DEFERRED).all()  # min_matched: left to lapjvr
+    c[2, 5, 7] = np.nan
+    assert native.jv(c, -1.0, 2, 0.0)[2].tolist() == [0, 0, native.JV_NONFINITE, 0]
+    assert native.jv(c, -1.0, 2, 0.0)[3] == 1
+    with pytest.raises(ValueError, match=r"NaN/Inf \(batch 2\)"):
+        solve(c, method="auto")
+    with pytest.raises(ValueError, match=r"NaN/Inf \(batch 2\)"):
+        solve(c, method="jv")
+
+
+@NATIVE
+def test_native_certificate_and_sparse_matcher():
+    """The C certificate finds violations of infeasible duals; the warm-started sparse matcher is
+    optimal on its edges and re-augments after edges are added."""
+    from rebasin.solvers import native
+
+    n = 64
+    c = make_cost("uniform", n, seed=1).numpy()
+    rowmin = np.zeros(n)
+    u, v = c[np.arange(n), np.arange(n)].astype(np.float64), np.zeros(n)
+    br, _, bad = native.check(c, 1.0, u, v, 1e-9, 4, np.arange(n), rowmin)
+    assert br.size > 0 and bad > 0 and rowmin.min() < 0
+    f, g, ei, ej, scale = native.candidates(c, 1.0, 4)
+    assert scale == pytest.approx(float(np.abs(c).max()))
+    ar = np.arange(n)
+    key = np.unique(np.r_[ei * n + ej, ar * (n + 1)])
+    m = native.SparseMatcher(n, g)
+    for extra in (np.zeros(0, dtype=np.int64), np.arange(n * n)):  # then all edges: the dense optimum
+        key = np.union1d(key, extra)
+        ei, ej = np.divmod(key, n)
+        perm = m.solve(ei, ej, c[ei, ej].astype(np.float64))
+        assert sorted(perm.tolist()) == list(range(n))
+        red = c[ei, ej] - m.u[ei] - m.v[ej]
+        assert red.min() > -1e-12 and np.abs(c[ar, perm] - m.u - m.v[perm]).max() < 1e-12
+    assert float(c[ar, perm].sum()) == pytest.approx(ref_objective(torch.from_numpy(c), False)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["weak", "uniform", "moderate", "integer", "adversarial"])
+def test_certified_native_and_torch_paths_agree(kind):
+    n = 700 if kind != "adversarial" else 300
+    c = make_cost(kind, n, seed=8)
+    want = ref_objective(c, True)[0]
+    for native_path in (None, False):
+        res = solve(c, method="certified", native=native_path)
+        assert res.certified
+        assert float(res.objective) == pytest.approx(want, rel=1e-12)
+
+
+def test_thread_policy_restores_and_budgets():
+    from rebasin.solvers import _common
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with _common.scan_threads("cpu"):
+            assert torch.get_num_threads() == 1 and _common.outer_threads() == 2
+            with _common.scan_threads("cpu"):  # nested: a no-op
+                assert torch.get_num_threads() == 1 and _common.outer_threads() == 2
+        assert torch.get_num_threads() == 2 and _common.outer_threads() == 2
+        solve(make_cost("weak", 600, seed=1), method="certified")
+        solve(make_cost("weak", 64, batch=8, seed=1), method="auto")
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            solve(torch.full((3, 3), float("nan")), method="certified")
+        assert torch.get_num_threads() == 2  # restored on errors too
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.gpu

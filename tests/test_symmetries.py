@@ -24,6 +24,8 @@ from rebasin.permutation import apply_to_state, identity, invert, permute_tensor
 from rebasin.specs import resolve_spec
 from rebasin.symmetry import pair_rotation, rope_pairs
 
+TRANSFER_A1 = ["transfer", "--alpha", "1"]  # a given α: these tests check the arithmetic
+
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))
@@ -341,7 +343,7 @@ def test_transfer_with_rotations(rotated_trio, tmp_path):
     root, _, spec, t0 = rotated_trio
     ft = load_file(root / "Aft" / "model.safetensors")
     out = tmp_path / "rb"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"),
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"),
                  "--new-base", str(root / "B"), "-o", str(out), "--verify"]) == 0
     got, want = load_file(out / "model.safetensors"), apply_to_state(spec, t0, ft)
     assert all(_rel(got[k], want[k]) <= 1e-5 for k in want)
@@ -353,7 +355,7 @@ def test_transfer_with_rotations(rotated_trio, tmp_path):
     assert meta["format_version"] == "2" and any(k.endswith("vo_rot") for k in perms)
     # permutations only cannot express B: the output is further from π0(A_ft)
     out_p = tmp_path / "perm"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"),
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"),
                  "--new-base", str(root / "B"), "-o", str(out_p), "--symmetries", "perm"]) == 0
     got_p = load_file(out_p / "model.safetensors")
     assert max(_rel(got_p[k], want[k]) for k in want) > 1e-3
@@ -373,10 +375,10 @@ def test_lora_transfer_with_rotations_matches_full(rotated_trio, tmp_path):
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
     pm.save_pretrained(tmp_path / "lora")
     pm.merge_and_unload().save_pretrained(tmp_path / "merged")
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(tmp_path / "lora"),
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(tmp_path / "lora"),
                  "--new-base", str(root / "B"), "-o", str(tmp_path / "lora_out")]) == 0
     assert json.loads((tmp_path / "lora_out" / "adapter_config.json").read_text())["r"] == 4
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(tmp_path / "merged"),
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(tmp_path / "merged"),
                  "--new-base", str(root / "B"), "-o", str(tmp_path / "full_out")]) == 0
     on_b = peft.PeftModel.from_pretrained(T.LlamaForCausalLM.from_pretrained(root / "B"), tmp_path / "lora_out")
     full = T.LlamaForCausalLM.from_pretrained(tmp_path / "full_out").eval()

@@ -14,6 +14,8 @@ from rebasin.io.perms_file import load_perms
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, random_perms
 
+TRANSFER_A1 = ["transfer", "--alpha", "1"]  # a given α: these tests check the arithmetic
+
 
 def _save(d, state, like):
     shutil.copytree(like, d)
@@ -44,7 +46,7 @@ def test_diff_mode_is_exact_and_alpha_zero_is_b(trio, tmp_path):
     sb = load_file(root / "B2" / "model.safetensors")
     for alpha in (0.7, 0.0):
         out = tmp_path / f"diff{alpha}"
-        assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
+        assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
                      str(root / "B2"), "-o", str(out), "--mode", "diff", "--alpha", str(alpha)]) == 0
         got = load_file(out / "model.safetensors")
         for k in sb:
@@ -60,7 +62,7 @@ def test_rebasin_planted_gives_pi0_of_finetune(trio, tmp_path):
 
     root, sa, ft, spec, p0 = trio
     out = tmp_path / "rb"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
                  str(root / "B"), "-o", str(out), "--verify"]) == 0
     got = load_file(out / "model.safetensors")
     want = apply_to_state(spec, p0, ft)
@@ -78,7 +80,7 @@ def test_rebasin_planted_gives_pi0_of_finetune(trio, tmp_path):
     assert float((y0 - y1).abs().max() / y0.abs().max()) < 1e-4
     # --perms reuses the permutations without matching
     out2 = tmp_path / "rb2"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
                  str(root / "B"), "-o", str(out2), "--perms", str(out / "permutations.safetensors")]) == 0
     got2 = load_file(out2 / "model.safetensors")
     assert all(torch.equal(got2[k], got[k]) for k in got)
@@ -100,12 +102,12 @@ def test_lora_adapter_transfer_loads_in_peft_and_matches_merged(trio, tmp_path):
     merged = pm.merge_and_unload()
     merged.save_pretrained(tmp_path / "Aft_merged")
     out = tmp_path / "lora_out"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "lora"), "--new-base",
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "lora"), "--new-base",
                  str(root / "B"), "-o", str(out)]) == 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["base_model_name_or_path"].endswith("B")
     full = tmp_path / "full_out"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(tmp_path / "Aft_merged"),
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(tmp_path / "Aft_merged"),
                  "--new-base", str(root / "B"), "-o", str(full)]) == 0
     on_b = peft.PeftModel.from_pretrained(T.LlamaForCausalLM.from_pretrained(root / "B"), out).eval()
     full_model = T.LlamaForCausalLM.from_pretrained(full).eval()
@@ -119,8 +121,8 @@ def test_lora_adapter_transfer_loads_in_peft_and_matches_merged(trio, tmp_path):
 def test_vocabulary_change_maps_shared_tokens(tmp_path):
     import transformers as T
 
-    cfg = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-               max_position_embeddings=16)
+    cfg = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48,
+           "max_position_embeddings": 16}
     tokens_a = [f"tok{i}" for i in range(40)]
     tokens_b = [t for i, t in enumerate(tokens_a) if i % 4 != 0][::-1] + [f"new{i}" for i in range(20)]  # 50
     dirs = {}
@@ -134,7 +136,7 @@ def test_vocabulary_change_maps_shared_tokens(tmp_path):
     ft = {k: v + 0.01 for k, v in sa.items()}
     _save(tmp_path / "Aft", ft, dirs["A"])
     out = tmp_path / "out"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
+    assert main([*TRANSFER_A1, "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
                  str(dirs["B"]), "-o", str(out), "--mode", "diff"]) == 0
     got, sb = load_file(out / "model.safetensors"), load_file(dirs["B"] / "model.safetensors")
     key = "bert.embeddings.word_embeddings.weight"
@@ -147,14 +149,14 @@ def test_vocabulary_change_maps_shared_tokens(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["vocab"]["shared_rows"] == 30 and rep["vocab"]["b_rows_kept_from_b"] == 20
     # rebasin mode also runs (matching uses the shared rows)
-    assert main(["transfer", "--alpha", "1", "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
+    assert main([*TRANSFER_A1, "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
                  str(dirs["B"]), "-o", str(tmp_path / "rb")]) == 0
 
 
 def test_dry_run_writes_nothing(trio, tmp_path, capsys):
     root = trio[0]
     out = tmp_path / "dry"
-    assert main(["transfer", "--alpha", "1", "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"), "--new-base",
                  str(root / "B"), "-o", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "dry run" in text and "peak_memory" in text and "permutations.safetensors" in text

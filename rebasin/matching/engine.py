@@ -11,7 +11,7 @@ other axes are already placed (embeddings, norms), which avoids the poor optimum
 coordinate descent from the identity falls into. Attention groups are updated head-aware
 (:mod:`rebasin.matching.attention`).
 
-Memory and bookkeeping (docs/design.md, Scale): weights come from a
+Memory and bookkeeping (docs/scale.md): weights come from a
 :class:`~rebasin.matching.store.PairStore` (read per step, or cached when the budget allows);
 a plain group's cost is accumulated term by term from the tensors that touch it. J is read
 once per tensor at the start (one pass that also gives the report's identity cosines and the
@@ -40,6 +40,7 @@ from rebasin.matching.store import (
     Side,
     Stats,
     accumulate_cost,
+    head_dots,
     tensor_stats,
     unit_dots,
 )
@@ -426,22 +427,18 @@ def _report(work: Work, a: LazyState, b: LazyState, perms: Perms, reads: Mapping
 
     Plain groups: norms and identity dots from the first read; the "after" dots are the gather of
     the group's last cost at its π when that cost was built with today's permutations (always, at
-    convergence), else one O(size) pass over the group's tensors. Attention groups: per-head
-    cosines over the layer's blocks (a read of the layer's attention tensors).
+    convergence), else one O(size) pass over the group's tensors. Attention groups: per KV-head
+    slot, norms and identity dots from the first read, the "after" dots from one read of the
+    layer's attention tensors (the same cosines as ``attention.head_cosines``).
     """
     spec, dist = work.spec, work.dist
-    ident = identity(spec)
     mine: dict[str, GroupStats] = {}
     for group in spec.groups.values():
         owner = work.own.group_owner.get(group.name)
         if (owner if owner is not None else 0) != dist.rank:
             continue
         if group.is_attention:
-            from rebasin.matching.attention import head_cosines
-
-            with work.store.hold():
-                before = head_cosines(spec, a, b, group, ident)
-                after = head_cosines(spec, a, b, group, perms)
+            before, after = _head_cosines(work, group, perms)
             moved = attention_moved(spec, group, perms)
         else:
             before, after = _plain_cosines(work, group.name, perms, reads, version)
@@ -452,6 +449,20 @@ def _report(work: Work, a: LazyState, b: LazyState, perms: Perms, reads: Mapping
         for part in dist.gather(mine):
             mine.update(part)
     return [mine[g] for g in spec.groups]
+
+
+def _head_cosines(work: Work, group: Group, perms: Perms) -> tuple[float, float]:
+    """Mean over KV-head slots of cos(B's block k, π(A)'s block k), at the identity and at π. A
+    slot's block norm is its head's (π moves whole heads and maps within heads orthogonally)."""
+    u = work.stats.units.get(group.name)
+    if u is None:
+        return float("nan"), float("nan")
+    sigma = perms[f"{group.name}.heads"].cpu()
+    before = float((u.dot / (u.nb.sqrt() * u.na.sqrt()).clamp_min(1e-12)).mean())
+    with work.store.hold():
+        dots = head_dots(work.store, work.spec, group.name, perms)
+    after = float((dots / (u.nb.sqrt() * u.na[sigma].sqrt()).clamp_min(1e-12)).mean())
+    return before, after
 
 
 def _plain_cosines(work: Work, group: str, perms: Perms, reads: Mapping[str, tuple[str, ...]],

@@ -169,7 +169,8 @@ def accumulate_cost(out: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor, idx: 
 # ---- one read per tensor: J at the identity and at π₀, per-unit statistics, NaN/Inf ----------------
 @dataclass
 class UnitStats:
-    """Per plain group, summed over its terms: Σ‖row of B‖², Σ‖row of A‖², Σ⟨row of B, row of A⟩."""
+    """Per unit of a plain group (per KV-head slot of an attention group), summed over its
+    tensors: Σ‖row of B‖², Σ‖row of A‖², Σ⟨row of B, row of A⟩ (identity)."""
 
     nb: torch.Tensor
     na: torch.Tensor
@@ -191,8 +192,8 @@ class Stats:
     def flat(self, spec: Spec) -> torch.Tensor:
         """Everything as one float64 vector (for an all-reduce), groups in spec order."""
         parts = [torch.tensor([self.j_identity, self.j_init], dtype=torch.float64)]
-        for g in plain_groups(spec):
-            u = self.unit(g, spec.groups[g].size)
+        for g in spec.groups:
+            u = self.unit(g, unit_count(spec, g))
             parts += [u.nb, u.na, u.dot]
         return torch.cat(parts)
 
@@ -200,36 +201,78 @@ class Stats:
     def from_flat(cls, spec: Spec, flat: torch.Tensor) -> Stats:
         out = cls(float(flat[0]), float(flat[1]))
         pos = 2
-        for g in plain_groups(spec):
-            n = spec.groups[g].size
+        for g in spec.groups:
+            n = unit_count(spec, g)
             out.units[g] = UnitStats(flat[pos:pos + n].clone(), flat[pos + n:pos + 2 * n].clone(),
                                      flat[pos + 2 * n:pos + 3 * n].clone())
             pos += 3 * n
         return out
 
 
+def unit_count(spec: Spec, group: str) -> int:
+    """Units the report compares: a plain group's size, an attention group's KV heads."""
+    g = spec.groups[group]
+    return g.n_kv_heads if g.is_attention else g.size
+
+
 def plain_groups(spec: Spec) -> list[str]:
     return [name for name, g in spec.groups.items() if not g.is_attention]
 
 
-def _total(x: torch.Tensor) -> float:
-    """Σ x: float32 sums per row, added in float64 (no float64 copy of the chunk)."""
-    if x.numel() == 0:
-        return 0.0
-    return float(x.reshape(x.shape[0] if x.dim() else 1, -1).sum(1).double().sum())
+def head_slots(spec: Spec, group: str, role: str) -> torch.Tensor | None:
+    """KV-head slot of every index along an axis of ``role`` (None for the per-head norm weights,
+    which every head shares: not part of a head's block)."""
+    g = spec.groups[group]
+    qd, kd = g.q_per_kv * g.d_head, g.d_head
+    q = torch.arange(g.n_heads * g.d_head) // qd
+    k = torch.arange(g.n_kv_heads * g.d_head) // kd
+    return {"q": q, "o": q, "k": k, "v": k, "qkv": torch.cat([q, k, k])}.get(role)
 
 
-def _reduce_to_axis(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """Σ over every axis but ``axis`` (float32 in, float64 out)."""
+def _dots(x: torch.Tensor, y: torch.Tensor, axis: int) -> torch.Tensor:
+    """Σ x·y over every axis but ``axis`` (float32 in, float64 out), without a product temporary
+    for 2-d tensors."""
+    if x.dim() == 1:
+        return (x * y).double()
+    if x.dim() == 2:
+        return torch.linalg.vecdot(x, y, dim=1 - axis).double()
     dims = [d for d in range(x.dim()) if d != axis]
-    return (x.sum(dim=dims) if dims else x).double()
+    return (x * y).sum(dim=dims).double()
+
+
+def _add_units(stats: Stats, spec: Spec, ref: Any, axis: int, start: int, stop: int, bc: torch.Tensor,
+               ac: torch.Tensor) -> tuple[float, float, float]:
+    """Per-unit sums of this chunk along ``axis`` into ``stats``; returns the chunk's totals
+    (‖B‖², ‖A‖², ⟨B, A⟩)."""
+    group = spec.groups[ref.group]
+    vals = [_dots(bc, bc, axis), _dots(ac, ac, axis), _dots(ac, bc, axis)]
+    totals = tuple(float(v.sum()) for v in vals)
+    u = stats.unit(ref.group, unit_count(spec, ref.group))
+    if group.is_attention:
+        slots = head_slots(spec, ref.group, ref.role)
+        if slots is None:
+            return totals
+        if axis == 0:
+            slots = slots[start:stop]
+        for vec, v in zip((u.nb, u.na, u.dot), vals, strict=True):
+            vec.index_add_(0, slots, v.cpu())
+    else:
+        for vec, v in zip((u.nb, u.na, u.dot), vals, strict=True):
+            if axis == 0:
+                vec[start:stop] += v.cpu()
+            else:
+                vec += v.cpu()
+    return totals
 
 
 def tensor_stats(store: PairStore, spec: Spec, name: str, init: Mapping[str, torch.Tensor] | None,
                  stats: Stats) -> None:
     """Add tensor ``name``'s share to ``stats`` in one read (see the module docstring).
 
-    ``init``: π₀, the permutations after the initial guess (None: the identity). Raises
+    Per row chunk, converted to float32 once: per-unit squared norms and identity dots along
+    every permuted axis (fused multiply-reduce, no product temporaries), whose sums are also
+    the chunk's ‖B‖², ‖A‖² (the NaN/Inf check) and ⟨B, A⟩ (J at the identity); ⟨B, π₀(A)⟩ when
+    the initial guess moved one of its axes. ``init``: π₀ (None: the identity). Raises
     NonFiniteError naming the file and tensor when A's or B's copy holds NaN/Inf.
     """
     tb, ta = store.pair(name)
@@ -237,35 +280,47 @@ def tensor_stats(store: PairStore, spec: Spec, name: str, init: Mapping[str, tor
     moved = init is not None and any(r is not None and _moves(spec, init, r) for r in axes)
     sq_b = sq_a = 0.0
     for start, stop in row_chunks(tuple(tb.shape)):
-        bc = (tb[start:stop] if tb.dim() else tb).float()
-        ac = (ta[start:stop] if ta.dim() else ta).float()
-        prod = bc * ac
-        bb, aa = bc * bc, ac * ac
-        sq_b += _total(bb)
-        sq_a += _total(aa)
-        j_id = _total(prod)
-        stats.j_identity += j_id
-        if moved:
-            ap = permuted_rows(spec, name, ta, init, start, stop).float()
-            stats.j_init += _total(bc * ap)
-        else:
-            stats.j_init += j_id
-        shape = bc.shape if bc.dim() else (1,)
+        bc = (tb[start:stop] if tb.dim() else tb.reshape(1)).float()
+        ac = (ta[start:stop] if ta.dim() else ta.reshape(1)).float()
+        totals = None
         for axis, ref in enumerate(axes):
-            if ref is None or spec.groups[ref.group].is_attention:
-                continue
-            u = stats.unit(ref.group, spec.groups[ref.group].size)
-            views = [x.reshape(shape) for x in (bb, aa, prod)]
-            if axis == 0:
-                for vec, x in zip((u.nb, u.na, u.dot), views, strict=True):
-                    vec[start:stop] += _reduce_to_axis(x, 0)
-            else:
-                for vec, x in zip((u.nb, u.na, u.dot), views, strict=True):
-                    vec += _reduce_to_axis(x, axis)
+            if ref is not None:
+                t = _add_units(stats, spec, ref, axis, start, stop, bc, ac)
+                totals = totals or t
+        if totals is None:  # no permuted axis (not matched): totals only
+            flat_b, flat_a = bc.reshape(-1), ac.reshape(-1)
+            totals = (float(torch.dot(flat_b, flat_b)), float(torch.dot(flat_a, flat_a)),
+                      float(torch.dot(flat_a, flat_b)))
+        sq_b += totals[0]
+        sq_a += totals[1]
+        stats.j_identity += totals[2]
+        if moved:
+            ap = permuted_rows(spec, name, ta, init, start, stop).float().reshape(-1)
+            stats.j_init += float(torch.dot(ap, bc.reshape(-1)))
+        else:
+            stats.j_init += totals[2]
     if not (abs(sq_a) < float("inf") and abs(sq_b) < float("inf")):
         store.culprit([name])
         # finite after all: squares of values above ~1.8e19 overflow float32; the run goes on
     del tb, ta
+
+
+def head_dots(store: PairStore, spec: Spec, group: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per KV-head slot k of an attention group: ⟨B's block k, π(A)'s block k⟩ over its Q, K, V, O
+    rows and columns (float64). One read of the group's tensors, π applied whole (rotations too)."""
+    from rebasin.permutation import permute_tensor
+
+    g = spec.groups[group]
+    out = torch.zeros(g.n_kv_heads, dtype=torch.float64)
+    for name in spec.tensors_of(group):
+        for axis, ref in enumerate(spec.axes[name]):
+            if ref is None or ref.group != group or head_slots(spec, group, ref.role) is None:
+                continue
+            tb, ta = store.pair(name)
+            pa = permute_tensor(spec, name, ta.float(), perms)
+            out.index_add_(0, head_slots(spec, group, ref.role), _dots(tb.float(), pa, axis).cpu())
+            del pa
+    return out
 
 
 def _moves(spec: Spec, perms: Mapping[str, torch.Tensor], ref: Any) -> bool:

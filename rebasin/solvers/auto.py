@@ -46,18 +46,25 @@ CERTIFIED_KNOTS = {
     "torch": ((4096, 0.60), (8192, 0.70), (16384, 0.80)),
     "cuda": ((769, 0.85),),
 }
-# single CPU problems below this many entries skip the row bound (it can save at most ~0.1 ms;
-# the C JV's column reduction settles such problems as fast); batches always take it, fused
+# CUDA/general path: inputs below this many entries skip the row bound (it can save at most
+# ~0.1 ms but costs ~0.05 ms of dispatch). On CPU the C JV's column reduction takes its place up
+# to JV_MAX_N, and above it the row bound is fused into the first pass.
 ROW_BOUND_MIN_ENTRIES = 1 << 18
-# The C dense JV (native.jv: vectorised init passes and dense Dijkstra scans) against lapjvr
-# (laprust; list-based scans), by n and by the fraction of rows the column reduction matches
-# (~ the fraction of distinct best columns): the C JV is 2-6x faster on easy problems (init passes
-# settle most rows) and up to 2-3x slower on hard ones (long augmenting paths). Planted costs,
-# CPU ms lapjvr / C JV, 1 thread: n = 64 (batch 16): 0.63 -> 0.81/0.82, 0.73 -> 0.56/0.44,
-# 0.87 -> 0.32/0.09; n = 128: 0.70 -> 0.51/0.62, 0.83 -> 0.18/0.11; n = 256: 0.66 -> 0.64/0.89,
-# 0.78 -> 0.19/0.16, 0.93 -> 0.17/0.05; n = 1024: 0.77 -> 5.1/14.1, 0.93 -> 1.6/0.9.
+# The C dense JV (native.jv: vectorised init passes and Dijkstra scans over the unscanned
+# columns) against lapjvr (laprust), by n and by the fraction of rows its column reduction
+# matches: the C JV wins up to n = 128 on all but tied costs, 1.5-2x on easy problems at any n,
+# and loses up to 1.35x on hard ones (long augmenting paths) from n = 512. CPU ms lapjvr / C JV,
+# 1 thread, by matched fraction: n = 64 (batch 32): 0.63 -> 1.38/0.94, 0.95 -> 0.35/0.18,
+# integer 0.19 -> 0.37/0.67; n = 128: 0.61 -> 1.30/1.10; n = 256: 0.57 -> 1.26/1.33,
+# 0.65 -> 0.83/0.77, 0.77 -> 0.45/0.36; n = 512: 0.63 -> 2.37/3.22, 0.77 -> 0.97/0.94,
+# 0.94 -> 0.33/0.22; n = 1024: 0.65 -> 11.3/13.6, 0.77 -> 5.2/5.1, 0.93 -> 1.27/0.97.
 JV_MAX_N = 1024
-JV_KNOTS = ((64, 0.66), (128, 0.74), (256, 0.76), (1024, 0.88))
+JV_KNOTS = ((128, 0.30), (256, 0.55), (512, 0.77), (1024, 0.77))
+# above JV_MAX_N: the C JV where at least this fraction of the rows' best columns is distinct
+# (fused row bound pass), which also spares lapjvr's negated copy. Planted costs, CPU s lapjvr /
+# C JV: n = 2048: 0.92 -> 0.012/0.012, 0.97 -> 0.011/0.008; n = 4096: 0.91 -> 0.060/0.054,
+# 0.96 -> 0.046/0.029, 1.0 -> 0.047/0.027.
+JV_LARGE_DISTINCT = 0.93
 TRITON_MAX_N = 128  # batched GPU Hungarian (rebasin_kernels.hungarian): one program per problem
 
 
@@ -76,6 +83,7 @@ def row_best_assignment(c: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, 
     return best, (column_hits(best) > 0).double().mean(dim=1).cpu().numpy()
 
 
+@functools.cache
 def dense_backend() -> str:
     """The dense JV backend: ``laprust`` or ``lapx`` (the same lapjvr solver), else ``scipy``."""
     if laprust_available():
@@ -134,6 +142,7 @@ def _run_exact(name: str, c: torch.Tensor, maximize: bool, opts: dict) -> tuple[
     return (name, res) if res.certified else ("scipy", solve_scipy(c, maximize))
 
 
+@functools.lru_cache(maxsize=4096)
 def jv_threshold(n: int) -> float:
     """The distinct-best-column fraction from which the C dense JV beats lapjvr at size n
     (``JV_KNOTS``, log2-linear between knots, clamped at the ends); 2.0 (never) above JV_MAX_N."""
@@ -150,13 +159,14 @@ def jv_threshold(n: int) -> float:
 def _cpu_array(cost: Array) -> np.ndarray | None:
     """``cost`` as a C-contiguous float32/float64 numpy array of shape (n, n) or (b, n, n) with
     n >= 2 and b >= 1 when it is a CPU float32/float64 input (a view; a copy only when it is not
-    contiguous); otherwise None."""
-    if isinstance(cost, torch.Tensor):
-        if cost.device.type != "cpu" or cost.requires_grad:
-            return None
-        arr = cost.numpy()
-    elif isinstance(cost, np.ndarray):
+    contiguous); otherwise None. (One torch call for a tensor: each costs 10-40 µs with cold caches.)"""
+    if isinstance(cost, np.ndarray):
         arr = cost
+    elif isinstance(cost, torch.Tensor):
+        try:
+            arr = cost.numpy()  # raises for GPU tensors and tensors that require grad
+        except (TypeError, RuntimeError):
+            return None
     else:
         return None
     shape = arr.shape
@@ -182,63 +192,69 @@ def _answer(arr: np.ndarray, perm: np.ndarray, obj: np.ndarray | None, method: s
             stats: dict) -> Assignment:
     """The Assignment in ``solve``'s final shapes; the objective (and the permutation check) by one
     C pass unless ``obj`` comes from the C JV, which checked its permutations itself."""
-    n = arr.shape[-1]
     if obj is None:
+        n = arr.shape[-1]
         obj, bad = native.objective_checked(arr.reshape(-1, n, n), perm)
         if bad >= 0:
             raise RuntimeError(f"solver {method!r} returned a non-permutation (a row is not a permutation of "
                                f"0..{n - 1})")
-    return Assignment(torch.from_numpy(perm.reshape(arr.shape[:-1])), torch.from_numpy(obj.reshape(arr.shape[:-2])),
-                      True, gap, method, stats)
+    if arr.ndim == 2:
+        perm, obj = perm[0], obj.reshape(())
+    return Assignment(torch.from_numpy(perm), torch.from_numpy(obj), True, gap, method, stats)
 
 
-def _small_single(arr: np.ndarray, maximize: bool, dense: str) -> Assignment:
-    """One problem under ROW_BOUND_MIN_ENTRIES entries (``solve_auto_cpu``): the C dense JV, whose
-    column reduction is also the NaN/Inf check; a hard problem (JV_KNOTS) goes to lapjvr instead.
-    One C call for an easy problem: each extra numpy/torch call is ~1% of a 0.1 ms solve."""
+def _solve_jv(arr: np.ndarray, maximize: bool, dense: str) -> Assignment:
+    """n <= JV_MAX_N (``solve_auto_cpu``): the C dense JV on every problem — its column reduction
+    is also the NaN/Inf check and settles strong problems as fast as a row bound would — except
+    those it finds hard (fewer than ``jv_threshold(n)`` rows matched by the column reduction: long
+    augmenting paths, where list-based lapjvr wins), which go to lapjvr (laprust / lapx)."""
     n = arr.shape[-1]
-    arr3 = arr.reshape(1, n, n)
+    arr3 = arr.reshape(-1, n, n)
     s = -1.0 if maximize else 1.0
-    perm, obj, status = native.jv(arr3, s, 1, 0.0 if dense == "scipy" else jv_threshold(n))
-    st = int(status[0])
-    if st == native.JV_OK:
-        return _answer(arr, perm, obj, "jv", 0.0, {"auto_choice": "jv"})
-    if st == native.JV_NONFINITE:
-        raise _nonfinite(0, n)
-    if st != native.JV_DEFERRED:
-        raise RuntimeError("solver 'jv' returned a non-permutation")
-    perm = _lapjvr(dense, np.negative(arr3) if maximize else arr3)
-    return _answer(arr, perm, None, dense, 0.0, {"auto_choice": dense})
+    threads = outer_threads() if arr3.shape[0] > 1 else 1
+    perm, obj, status, bad = native.jv(arr3, s, threads, 0.0 if dense == "scipy" else jv_threshold(n))
+    if bad:
+        if (status == native.JV_NONFINITE).any():
+            raise _nonfinite(int(np.argmax(status == native.JV_NONFINITE)) * n * n, n)
+        if (status == native.JV_BROKEN).any():
+            raise RuntimeError("solver 'jv' returned a non-permutation")
+        idx = np.flatnonzero(status)
+        sub = arr3 if idx.size == arr3.shape[0] else arr3[idx]
+        perm[idx] = _lapjvr(dense, np.negative(sub) if maximize else sub)
+        obj = None  # recomputed and checked by _answer
+        name = dense if idx.size == arr3.shape[0] else f"jv+{dense}"
+    else:
+        name = "jv"
+    return _answer(arr, perm, obj, name, 0.0, {"auto_choice": name})
 
 
 def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
     """``solve(cost, "auto")`` on CPU with the C extension, from the input as given; None when it
     does not apply (GPU, other dtypes, n < 2, no C extension: the general path ``solve_auto``).
 
-    A single problem under ROW_BOUND_MIN_ENTRIES entries: ``_small_single``. Otherwise one fused C
-    pass (``native.prepare``) does the NaN/Inf check, the row bound (each row's best column, and
-    how many distinct columns they are) and, where a dense solve is certain (batches, n below the
-    first certified knot, maximisation, a lapjvr package), the negated copy lapjvr minimises.
-    Problems the row bound settles are done. Of the rest, easy ones (distinct >= jv_threshold(n))
-    go to the C JV, the others to ``auto_choice``'s backend (lapjvr, or certified when large).
-    A last C pass checks every permutation and sums the float64 objective from the input. Answer
-    and shapes as ``solve`` (perm (n,) / (b, n), objective () / (b,)); stats: auto_choice (the
-    backend of the problems not settled, "jv+laprust" when split), row_best (problems settled).
-    Why: the general path's separate passes and per-call overheads cost 40-50 µs around a 0.1 ms
-    solve at n = 256, and three O(n^2) passes before a large one.
+    n <= JV_MAX_N: ``_solve_jv``. Larger: one fused C pass (``native.prepare``) does the NaN/Inf
+    check, the row bound (each row's best column, and how many distinct columns they are) and,
+    for batches (maximisation), the negated copy lapjvr minimises; problems the row bound settles
+    are done, those with few conflicts (JV_LARGE_DISTINCT) go to the C JV, the rest to
+    ``auto_choice``'s backend (lapjvr, or certified when hard). A last C pass checks every
+    permutation and sums the float64 objective from the input. Answer and shapes as ``solve``
+    (perm (n,) / (b, n), objective () / (b,)); stats: auto_choice (the backend of the problems not
+    settled; "jv+laprust" when split), row_best (problems the row bound settled, n > JV_MAX_N).
+    Why: the general path's separate passes and per-call overheads (each numpy/torch call 1-3 µs
+    on a loaded 2-core machine) cost 40-50 µs around a 0.1 ms solve at n = 256, and three O(n^2)
+    passes before a large one.
     """
     arr = _cpu_array(cost)
     if arr is None or not native.native_available():
         return None
     dense = dense_backend()
-    if arr.ndim == 2 and arr.size < ROW_BOUND_MIN_ENTRIES:
-        return _small_single(arr, maximize, dense)
     n = arr.shape[-1]
+    if n <= JV_MAX_N:
+        return _solve_jv(arr, maximize, dense)
     arr3 = arr.reshape(-1, n, n)
     b = arr3.shape[0]
     s = -1.0 if maximize else 1.0
-    dense_sure = dense != "scipy" and (b > 1 or n < CERTIFIED_KNOTS["native"][0][0])
-    out = np.empty_like(arr3) if maximize and dense_sure else None
+    out = np.empty_like(arr3) if maximize and b > 1 and dense != "scipy" else None
     best = np.empty((b, n), dtype=np.int64)
     ndistinct = np.empty(b, dtype=np.int64)
     first = native.prepare(arr3, s, out, best, ndistinct)
@@ -248,22 +264,20 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
     n_ok = int(settled.sum())
     if n_ok == b:
         return _answer(arr, best, None, "auto", 0.0, {"auto_choice": "row-best", "row_best": b})
-    frac = ndistinct / n
-    easy = ~settled & (frac >= (0.0 if dense == "scipy" else jv_threshold(n)))
+    easy = ~settled & (ndistinct >= JV_LARGE_DISTINCT * n)
     hard = ~settled & ~easy
-    perm = best
-    gap, stats, names = 0.0, {}, []
-    if easy.any():
+    perm, gap, stats, names = best, 0.0, {}, []
+    if easy.any():  # few conflicts: the C JV, without a negated copy
         idx = np.flatnonzero(easy)
-        sub = arr3 if idx.size == b else arr3[idx]
-        p, _, status = native.jv(sub, s, outer_threads(), 0.0)
-        if (status != native.JV_OK).any():
+        p, _, _, bad = native.jv(arr3 if idx.size == b else arr3[idx], s, outer_threads(), 0.0)
+        if bad:
             raise RuntimeError("solver 'jv' returned a non-permutation")
         perm[idx] = p
         names.append("jv")
     if hard.any():
         idx = np.flatnonzero(hard)
-        name = auto_choice(idx.size, n, "cpu", float(frac[idx].min()), torch.from_numpy(arr3[idx[0]:idx[0] + 1]))
+        name = auto_choice(idx.size, n, "cpu", float(ndistinct[idx].min()) / n,
+                           torch.from_numpy(arr3[idx[0]:idx[0] + 1]))
         names.append(name)
         if name in ("laprust", "lapx"):
             m = out if out is not None else np.negative(arr3) if maximize else arr3
@@ -279,7 +293,13 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
 
 def solve_auto(cost: Array, maximize: bool = True, **opts) -> Assignment:
     """Row bound first (``row_best_assignment``); the problems it leaves go to the fastest exact
-    backend for the shape/device (``auto_choice``). perm (b, n), certified."""
+    backend for the shape/device (``auto_choice``). perm (b, n), certified.
+
+    CPU inputs without backend options take ``solve_auto_cpu`` (the C passes) when it applies."""
+    if not opts:
+        res = solve_auto_cpu(cost, maximize)
+        if res is not None:
+            return res
     c = torch.as_tensor(cost)
     b, n = c.shape[0], c.shape[1]
     if c.numel() < ROW_BOUND_MIN_ENTRIES:

@@ -32,6 +32,13 @@ The check is float32-first but safe: R is computed in float32 and every row whos
 minimum is below a margin that bounds the float32 rounding error is recomputed in float64;
 only float64 values decide certification. After ``max_rounds`` rounds we fall back to the
 dense JV solve (stats["fallback"]; scipy without laprust or lapx).
+
+On CPU with the C extension (``_certified_native``, the default there) the same steps run as C
+passes, single-threaded: reductions and top-k in two streaming passes, the sparse optimum by a
+warm-started Dijkstra whose potentials are the exact duals (no Bellman-Ford), and a float64
+certificate that after the first round rechecks only the rows whose u_i grew (see there).
+Measured on 2 loaded CPU cores, 1 thread, CPU seconds torch path -> C: weak n = 4096
+1.28 -> 0.24, n = 8192 5.4 -> 0.73 (laprust's dense JV: 0.63, 4.0).
 """
 from __future__ import annotations
 

@@ -56,22 +56,22 @@ JV_OK, JV_DEFERRED, JV_NONFINITE, JV_BROKEN = 0, 1, 2, 3
 
 
 def jv(c: np.ndarray, sign: float, threads: int = 1, min_matched: float = 0.0
-       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Dense Jonker-Volgenant (``_lapcore.c``) on every problem of c (b, n, n) C-contiguous
     float32/64, minimising ``sign * c``; ``threads`` workers over the batch.
 
-    Returns perm (b, n) int64, obj (b,) float64 (``sum_i c[k, i, perm[k, i]]`` of the input values)
-    and status (b,) int64 per problem: JV_OK; JV_DEFERRED (fewer than ``min_matched * n`` rows
-    matched by the column reduction: a hard problem, not solved, left to the caller); JV_NONFINITE
-    (NaN/Inf in the problem); JV_BROKEN (not a permutation: cannot happen). perm and obj are only
-    meaningful where status is JV_OK.
+    Returns perm (b, n) int64, obj (b,) float64 (``sum_i c[k, i, perm[k, i]]`` of the input values),
+    status (b,) int64 per problem — JV_OK; JV_DEFERRED (fewer than ``min_matched * n`` rows matched
+    by the column reduction: a hard problem, not solved, left to the caller); JV_NONFINITE (NaN/Inf
+    in the problem); JV_BROKEN (not a permutation: cannot happen) — and how many are not JV_OK.
+    perm and obj are only meaningful where status is JV_OK.
     """
     b, n = c.shape[0], c.shape[1]
     perm = np.empty((b, n), dtype=np.int64)
     obj = np.empty(b)
     status = np.empty(b, dtype=np.int64)
-    _module().jv(c, float(sign), perm, obj, status, int(threads), float(min_matched))
-    return perm, obj, status
+    bad = _module().jv(c, sign, perm, obj, status, threads, min_matched)
+    return perm, obj, status, bad
 
 
 def first_bad_perm(perm: np.ndarray) -> int:

@@ -4,7 +4,11 @@ dispatches to one (docs/design.md, Solvers).
 Every backend has the uniform signature ``fn(cost (b, n, n) tensor, maximize, **opts) -> Assignment``
 (see ``_common``); ``solve`` normalises the input (numpy or tensor, (n, n) or (b, n, n), any
 float dtype), rejects non-square or non-finite costs, answers empty problems itself, checks the
-backend's permutations and squeezes a single problem's result.
+backend's permutations and squeezes a single problem's result. Backends run under the thread
+policy (``_common.scan_threads``: the solvers' own CPU scans single-threaded, batches of
+independent problems spread over the caller's threads; docs/design.md, Thread policy).
+``method="auto"`` on a CPU float input goes straight to ``auto.solve_auto_cpu`` (the same checks
+in fused C passes).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from rebasin.solvers._common import (
 from rebasin.solvers.auto import solve_auto, solve_auto_cpu
 from rebasin.solvers.certified import solve_certified
 from rebasin.solvers.emd_backend import emd_available, solve_emd
+from rebasin.solvers.jv_backend import jv_available, solve_jv
 from rebasin.solvers.laprust_backend import laprust_available, solve_laprust
 from rebasin.solvers.lapx_backend import lapx_available, solve_lapx
 from rebasin.solvers.scipy_backend import solve_scipy
@@ -36,6 +41,7 @@ def _always() -> bool:
 
 SOLVERS: dict[str, SolverSpec] = {
     "scipy": SolverSpec("scipy", solve_scipy, True, _always),
+    "jv": SolverSpec("jv", solve_jv, True, jv_available),
     "lapx": SolverSpec("lapx", solve_lapx, True, lapx_available),
     "laprust": SolverSpec("laprust", solve_laprust, True, laprust_available),
     "emd": SolverSpec("emd", solve_emd, True, emd_available),

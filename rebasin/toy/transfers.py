@@ -131,6 +131,8 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
         row.update(metrics=metrics, recovered=gain_recovered(r, res.base["sub"], metrics["sub"], res.upper["sub"]),
                    cost=_cost(r.higher_is_better, res.base["general"], metrics["general"]))
         res.rows.append(row)
+    rank = {m.name: i for i, m in enumerate(methods)}
+    res.rows.sort(key=lambda row: rank[row["method"]])
     for row in res.rows:
         fixed = res.row(f"{row['mode']} α=1")
         row["verdict_check"] = verdict_check(row, fixed) if "error" not in row else None
