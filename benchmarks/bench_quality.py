@@ -171,8 +171,8 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
     run = ""
     if LAST_RUN.get("seconds") is not None:
         run = (f"Run: {LAST_RUN['seconds']:.0f} s wall with {LAST_RUN['threads']} torch thread(s), of which "
-               f"{LAST_RUN['train_s']:.0f} s training {LAST_RUN['trained']} models (the others came from the "
-               "cache); load averages above are at the end of the run.")
+               f"{LAST_RUN['train_s']:.0f} s building {LAST_RUN['trained']} models (trained, or permuted for kind "
+               "(b); models already in the cache are not rebuilt); load averages above are at the end of the run.")
     lines = ["# quality: fine-tune transfer onto three kinds of new base", "", f"Machine: {machine}", "", run, "",
              f"Seeds: {seeds} (whole pair sets; ± is the sample standard deviation over seeds). *gain* = "
              "(transfer − B) / (B_ft − B) on the fine-tune's held-out task: 100% = as good as fine-tuning B "

@@ -1,5 +1,5 @@
 """Memory and time at scale: ``match``, ``transfer`` (both modes) and ``apply`` on synthetic
-Llama/Qwen2-shaped checkpoints, each job a fresh subprocess that reports its own peak RSS (``getrusage``).
+Llama/Qwen2-shaped checkpoints, each job a fresh subprocess that reports its own peak RSS (``VmHWM``).
 
 Checkpoints (bf16, sharded at 512 MiB, random init; built once and cached under
 ``$REBASIN_SCALE_CACHE`` or ``~/.cache/rebasin/scale``): ``A``; ``B = π0(A) + 1 % noise``
@@ -15,7 +15,7 @@ Jobs (``--alpha 1``: calibration is a separate cost): ``match`` streaming (budge
 issue's target, 25 % of a checkpoint + 2 GiB, which rules out caching) and cached (budget
 unlimited), ``transfer --mode rebasin`` (streaming budget), ``transfer --mode diff``, ``apply``,
 and ``match`` on 2 gloo processes (0.5 B). Each record has the measured peak RSS (the job's own
-``ru_maxrss``, per rank for the 2-process run) and wall time, the prediction
+``VmHWM``, per rank for the 2-process run) and wall time, the prediction
 :mod:`rebasin.estimate` makes before the job, the issue's target,
 and for matches the time split (bookkeeping = load + objective + report). The load average
 before and after each job is recorded: timings from a shared machine are noisy; rerun with
@@ -143,10 +143,21 @@ def _job(args: dict[str, Any]) -> dict[str, Any]:
 
         perms, _ = load_perms(args["perms"])
         apply_checkpoint(open_model(args["A"]), perms, args["out"], memory=args.get("memory"))
+    out["peak_rss_self"] = peak_rss()
+    return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (bytes): VmHWM, the high-water mark of its own address
+    space. Not ``ru_maxrss``: Linux carries the parent's resident size at fork/exec into the child's
+    ``ru_maxrss``, so a small job started by a big parent would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
 
-    out["peak_rss_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _dist_job(rank: int, world: int, init: str, args: dict[str, Any], result_dir: str) -> None:
@@ -171,8 +182,7 @@ def run_subprocess(args: dict[str, Any], world: int = 1) -> dict[str, Any]:
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _stdout, stderr = proc.communicate()
         wall = time.perf_counter() - t0
-        # RUSAGE_CHILDREN's ru_maxrss is the max over every child so far, so each job measures itself
-        # (RUSAGE_SELF at its end) and, for the 2-process run, each rank does.
+        # each job measures its own peak (VmHWM at its end; each rank for the 2-process run)
         if proc.returncode != 0:
             raise RuntimeError(f"job {args['job']} failed ({proc.returncode}):\n{stderr[-4000:]}")
         result = json.loads(Path(args["result"]).read_text())

@@ -185,11 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_transfer)
 
-    p = _sub(sub, "demo", "end-to-end demo on small models trained here (nothing downloaded)",
-             "Build (and cache) small models, fine-tune one, transfer the fine-tune in diff and rebasin "
-             "modes, and print and plot the results.")
+    p = _sub(sub, "demo", "end-to-end demo on small decoders trained here (nothing downloaded)",
+             "Train (and cache) small Llama-style decoders (RoPE, GQA) on Python's own docstrings, fine-tune "
+             "one on Python code, and move the fine-tune onto three kinds of new base — the same lineage, "
+             "the same re-released in another unit order, an independent seed — in diff and rebasin modes, "
+             "at α = 1 and calibrated; print the table and verdicts, write results.md/json/png.")
     p.add_argument("-o", "--output", default="rebasin-demo", help="output folder for the table and plot")
-    p.add_argument("--cache", default=None, help="model cache folder (default ~/.cache/rebasin/demo)")
+    p.add_argument("--cache", default=None, help="model cache folder (default $REBASIN_CACHE/toy, else "
+                   "~/.cache/rebasin/toy)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -326,9 +329,20 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rebasin.demo import run_demo
+    print("rebasin demo: builds small decoders (first run only, ~2 min on 2 cores), then matches, calibrates, "
+          "transfers and evaluates", flush=True)
+    import torch
 
-    return run_demo(args)
+    from rebasin.demo import format_demo, run_demo_pipeline
+    from rebasin.toy.train import pick_threads
+
+    torch.set_num_threads(pick_threads())
+    quick = os.environ.get("REBASIN_DEMO_QUICK", "") not in ("", "0")
+    res = run_demo_pipeline(args.output, args.cache, args.seed, preset="tiny" if quick else "full",
+                            log=lambda m: print(m, flush=True))
+    print()
+    print(format_demo(res))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,10 @@ them. The output folder gets ``results.json``, ``results.md``, ``results.png`` a
 models under ``transfers/``. Every number is measured by the run that prints it.
 
 Entry points: :func:`run_demo_pipeline` returns a :class:`DemoResult`; :func:`format_demo`
-renders it as the text the command prints; :func:`run_demo` does both for ``rebasin demo``.
+renders it as the text ``rebasin demo`` (rebasin/cli.py) prints.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -281,21 +280,4 @@ def _plot(path: Path, results: dict[str, Any]) -> bool:
     return True
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Entry point of ``rebasin demo``: run the pipeline, print :func:`format_demo`. ``REBASIN_DEMO_QUICK=1``: tiny."""
-    print("rebasin demo: builds small decoders (first run only, ~2 min on 2 cores), then matches, calibrates, "
-          "transfers and evaluates", flush=True)
-    import torch
-
-    from rebasin.toy.train import pick_threads
-
-    torch.set_num_threads(pick_threads())
-    quick = os.environ.get("REBASIN_DEMO_QUICK", "") not in ("", "0")
-    res = run_demo_pipeline(args.output, getattr(args, "cache", None), getattr(args, "seed", 0),
-                            preset="tiny" if quick else "full", log=lambda m: print(m, flush=True))
-    print()
-    print(format_demo(res))
-    return 0
-
-
-__all__ = ["DemoResult", "format_demo", "kind_table", "run_demo", "run_demo_pipeline", "verdict_lines"]
+__all__ = ["DemoResult", "format_demo", "kind_table", "run_demo_pipeline", "verdict_lines"]

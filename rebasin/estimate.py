@@ -3,7 +3,8 @@
 Every figure is a sum of parts the code really allocates (docs/scale.md), with the
 constants measured by ``python -m benchmarks scale`` (``benchmarks/results/scale-cpu.md``):
 
-- ``BASE_RSS``: the interpreter with torch, numpy, scipy and rebasin imported;
+- ``BASE_RSS``: the interpreter with torch, numpy, scipy and rebasin's matcher imported
+  (``APPLY_BASE_RSS`` for ``apply``, which imports less), measured on the tiny shape;
 - a *chunk* (:data:`rebasin.streaming.CHUNK_ELEMS` float32 elements, 16 MiB): every
   per-tensor pass holds a few of them (:data:`COST_CHUNKS`, :data:`STATS_CHUNKS`, ...);
 - the tensors a step holds whole, as stored: for matching, the largest pair (A, B) read for
@@ -35,7 +36,8 @@ GIB = 2**30
 MIB = 2**20
 
 # ---- measured constants (benchmarks/results/scale-cpu.md; 2-core x86 CI machine, torch 2.13 CPU) ----
-BASE_RSS = 400 * MIB            # python + torch + numpy + scipy + rebasin imported (cli match/transfer/apply)
+BASE_RSS = 450 * MIB            # match / transfer: python, torch, scipy, the solvers and kernels imported, GEMM probe
+APPLY_BASE_RSS = 285 * MIB      # apply imports no matcher
 CHUNK_BYTES = CHUNK_ELEMS * 4   # one float32 chunk
 COST_CHUNKS = 3                 # accumulate_cost: B chunk (fp32), A chunk gathered (stored) and converted (fp32)
 STATS_CHUNKS = 8                # tensor_stats: B, A, π₀(A) chunks and their products, float32
@@ -245,10 +247,10 @@ def _largest_moving(model: Model, spec: Spec | None = None) -> int:
 
 def estimate_apply(model: Model) -> JobEstimate:
     whole = _largest_moving(model)
-    peak = int((BASE_RSS + whole + APPLY_CHUNKS * CHUNK_BYTES) * ALLOC_SLACK)
+    peak = int((APPLY_BASE_RSS + whole + APPLY_CHUNKS * CHUNK_BYTES) * ALLOC_SLACK)
     seconds = model.checkpoint.nbytes() / DIFF_BYTES_PER_S
     return JobEstimate("apply", peak, seconds, "streaming",
-                       {"base": BASE_RSS, "largest_moving_tensor": whole, "chunks": APPLY_CHUNKS * CHUNK_BYTES})
+                       {"base": APPLY_BASE_RSS, "largest_moving_tensor": whole, "chunks": APPLY_CHUNKS * CHUNK_BYTES})
 
 
 def estimate_write(a: Model, b: Model, rebasin: bool, vocab_tensors: list[str] | None = None) -> JobEstimate:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_models import CASES
+from safetensors.torch import load_file
+from tiny_models import CASES, save_like
 
 from rebasin.calibrate import block_of
 from rebasin.cli import main
@@ -15,12 +14,6 @@ from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, random_perms
 from rebasin.probes import make_probes
 from rebasin.transfer import transfer
-
-
-def _save(d, state, like):
-    shutil.copytree(like, d)
-    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +26,11 @@ def planted(tmp_path_factory):
     g = torch.Generator().manual_seed(5)
     u = {k: 0.3 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else torch.zeros_like(v)
          for k, v in sa.items()}
-    _save(root / "Aft", {k: sa[k] + u[k] for k in sa}, root / "A")
+    save_like(root / "Aft", {k: sa[k] + u[k] for k in sa}, root / "A")
     sb = {k: sa[k] + 0.5 * u[k] for k in sa}
-    _save(root / "B", sb, root / "A")
+    save_like(root / "B", sb, root / "A")
     spec = open_model(root / "A").spec
-    _save(root / "Bp", apply_to_state(spec, random_perms(spec, torch.Generator().manual_seed(2)), sb), root / "A")
+    save_like(root / "Bp", apply_to_state(spec, random_perms(spec, torch.Generator().manual_seed(2)), sb), root / "A")
     torch.manual_seed(123)
     type(model)(model.config).save_pretrained(root / "C")
     return root

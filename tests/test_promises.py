@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers as T
 from safetensors.torch import load_file, save_file
-from tiny_models import CASES, ENC, TEXT
+from tiny_models import CASES, ENC, TEXT, save_like
 
 from rebasin.cli import main
 from rebasin.errors import EXIT_CODES_HELP
@@ -84,11 +84,6 @@ def refused(argv, code, words, outputs, capsys):
     return err
 
 
-def _save(d: Path, state, like: Path) -> Path:
-    shutil.copytree(like, d)
-    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-    return d
-
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
@@ -100,12 +95,12 @@ def trio(tmp_path_factory):
     p0 = random_perms(spec, torch.Generator().manual_seed(3))
     from rebasin.permutation import apply_to_state
 
-    _save(root / "B", apply_to_state(spec, p0, sa), root / "A")
+    save_like(root / "B", apply_to_state(spec, p0, sa), root / "A")
     ft = dict(sa)
     g = torch.Generator().manual_seed(1)
     for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
         ft[name] = sa[name] + 0.02 * torch.randn(sa[name].shape, generator=g)
-    _save(root / "Aft", ft, root / "A")
+    save_like(root / "Aft", ft, root / "A")
     save_perms(root / "p.safetensors", p0, family="llama")
     return root, sa, ft, spec, p0
 
@@ -193,7 +188,7 @@ def test_apply_refuses_nan_exit_5(trio, tmp_path, capsys):
     bad = dict(sa)
     bad["model.layers.1.mlp.down_proj.weight"] = sa["model.layers.1.mlp.down_proj.weight"].clone()
     bad["model.layers.1.mlp.down_proj.weight"][2, 5] = float("nan")
-    _save(tmp_path / "nan", bad, root / "A")
+    save_like(tmp_path / "nan", bad, root / "A")
     out = tmp_path / "out"
     refused(["apply", tmp_path / "nan", "--perms", root / "p.safetensors", "-o", out], 5,
             ["model.layers.1.mlp.down_proj.weight", "NaN/Inf"], [out], capsys)
@@ -464,7 +459,7 @@ def test_match_counts_every_moved_unit_and_labels_sweeps(trio, tmp_path, capsys)
                                              for k in range(2)])
     assert attention_moved(spec, spec.groups["layers.1.attn"], perms) > 0.5
     assert attention_moved(spec, spec.groups["layers.0.attn"], perms) == 0.0
-    _save(tmp_path / "B", apply_to_state(spec, perms, sa), root / "A")
+    save_like(tmp_path / "B", apply_to_state(spec, perms, sa), root / "A")
     code, out, err = run(["match", root / "A", tmp_path / "B", "-o", tmp_path / "p.safetensors"], capsys)
     assert code == 0, err
     row = next(line for line in out.splitlines() if line.startswith("layers.1.attn"))

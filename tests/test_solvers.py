@@ -253,10 +253,13 @@ def test_auto_routes_by_shape_and_difficulty():
     dense = dense_backend()
     cases = [
         (make_cost("moderate", 256, seed=1), {"jv"}),
-        (make_cost("strong", 300, seed=1), {"jv"}),
+        (make_cost("strong", 200, seed=1), {"jv"}),
+        (make_cost("strong", 300, seed=1), {"row-best"}),  # above JV_FIRST_MAX_N: the fused row bound
         (make_cost("weak", 64, batch=64, seed=1), {"jv"}),  # attention heads
         (make_cost("weak", 128, batch=16, seed=1), {"jv"}),
         (make_cost("weak", 512, seed=1), {dense}),  # hard above n = 256
+        (make_cost("moderate", 1024, seed=1), {"jv"}),
+        (make_cost("weak", 520, batch=2, seed=1), {dense}),  # a batch above JV_FIRST_MAX_N
         (make_cost("integer", 256, seed=1), {dense}),  # ties: the column reduction matches few rows
         (make_cost("weak", 2048, seed=1), {"certified"}),
         (make_cost("moderate", 2048, seed=1), {"jv"}),  # few conflicts above JV_MAX_N: the C JV
@@ -271,7 +274,7 @@ def test_auto_routes_by_shape_and_difficulty():
             assert res.certified and res.gap == 0.0
             np.testing.assert_allclose(res.objective.numpy(), ref_objective(c, maximize), rtol=1e-12)
     assert jv_threshold(64) == jv_threshold(128) < jv_threshold(256) < jv_threshold(512) <= jv_threshold(1024) <= 1
-    assert jv_threshold(1025) > 1
+    assert jv_threshold(1025) > jv_threshold(1024)
 
 
 def test_auto_between_row_bound_and_dense_jv():

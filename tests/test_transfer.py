@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_models import CASES, run_model
+from safetensors.torch import load_file
+from tiny_models import CASES, run_model, save_like
 
 from rebasin.cli import main
 from rebasin.io.perms_file import load_perms
@@ -16,11 +16,6 @@ from rebasin.permutation import apply_to_state, random_perms
 
 TRANSFER_A1 = ["transfer", "--alpha", "1"]  # a given α: these tests check the arithmetic
 
-
-def _save(d, state, like):
-    shutil.copytree(like, d)
-    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +27,10 @@ def trio(tmp_path_factory):
     sa = load_file(root / "A" / "model.safetensors")
     spec = open_model(root / "A").spec
     p0 = random_perms(spec, torch.Generator().manual_seed(3))
-    _save(root / "B", apply_to_state(spec, p0, sa), root / "A")
+    save_like(root / "B", apply_to_state(spec, p0, sa), root / "A")
     g = torch.Generator().manual_seed(1)
     ft = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in sa.items()}
-    _save(root / "Aft", ft, root / "A")
+    save_like(root / "Aft", ft, root / "A")
     torch.manual_seed(77)
     type(model)(model.config).save_pretrained(root / "B2")
     return root, sa, ft, spec, p0
@@ -134,7 +129,7 @@ def test_vocabulary_change_maps_shared_tokens(tmp_path):
         dirs[name] = tmp_path / name
     sa = load_file(dirs["A"] / "model.safetensors")
     ft = {k: v + 0.01 for k, v in sa.items()}
-    _save(tmp_path / "Aft", ft, dirs["A"])
+    save_like(tmp_path / "Aft", ft, dirs["A"])
     out = tmp_path / "out"
     assert main([*TRANSFER_A1, "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
                  str(dirs["B"]), "-o", str(out), "--mode", "diff"]) == 0
@@ -202,7 +197,7 @@ def test_refuses_nan(trio, tmp_path, capsys):
     bad = dict(ft)
     bad["model.layers.1.mlp.up_proj.weight"] = bad["model.layers.1.mlp.up_proj.weight"].clone()
     bad["model.layers.1.mlp.up_proj.weight"][3, 3] = float("inf")
-    _save(tmp_path / "nan", bad, root / "A")
+    save_like(tmp_path / "nan", bad, root / "A")
     out = tmp_path / "out"
     _refused(_args(root / "A", tmp_path / "nan", root / "B", out, "--mode", "diff"), 5,
              ["model.layers.1.mlp.up_proj.weight", "NaN/Inf", "nan"], out, capsys)

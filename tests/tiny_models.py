@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import transformers as T
+from safetensors.torch import save_file
 
 TEXT = {"vocab_size": 61, "max_position_embeddings": 32}
 
@@ -89,3 +92,10 @@ def run_model(model: T.PreTrainedModel, case: TinyCase, seed: int = 0) -> torch.
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return getattr(model(**case.inputs(g)), case.output).float()
+
+
+def save_like(d: Path, state: dict[str, torch.Tensor], like: Path) -> Path:
+    """A model directory ``d``: ``like``'s config and tokenizer files with ``state`` as its weights."""
+    shutil.copytree(like, d)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d

@@ -230,22 +230,24 @@ def head_slots(spec: Spec, group: str, role: str) -> torch.Tensor | None:
 
 
 def _dots(x: torch.Tensor, y: torch.Tensor, axis: int) -> torch.Tensor:
-    """Σ x·y over every axis but ``axis`` (float32 in, float64 out), without a product temporary
-    for 2-d tensors."""
-    if x.dim() == 1:
-        return (x * y).double()
-    if x.dim() == 2:
-        return torch.linalg.vecdot(x, y, dim=1 - axis).double()
-    dims = [d for d in range(x.dim()) if d != axis]
-    return (x * y).sum(dim=dims).double()
+    """Σ x·y over every axis but ``axis`` (float32 in, float64 out)."""
+    return _sum_to(x * y, axis)
 
 
-def _add_units(stats: Stats, spec: Spec, ref: Any, axis: int, start: int, stop: int, bc: torch.Tensor,
-               ac: torch.Tensor) -> tuple[float, float, float]:
-    """Per-unit sums of this chunk along ``axis`` into ``stats``; returns the chunk's totals
-    (‖B‖², ‖A‖², ⟨B, A⟩)."""
+def _sum_to(p: torch.Tensor, axis: int) -> torch.Tensor:
+    """Σ p over every axis but ``axis`` (float32 sums, float64 out)."""
+    if p.dim() == 1:
+        return p.double()
+    dims = [d for d in range(p.dim()) if d != axis]
+    return p.sum(dim=dims).double()
+
+
+def _add_units(stats: Stats, spec: Spec, ref: Any, axis: int, start: int, stop: int,
+               products: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[float, float, float]:
+    """Per-unit sums along ``axis`` of this chunk's products (B², A², A·B) into ``stats``;
+    returns the chunk's totals (‖B‖², ‖A‖², ⟨B, A⟩)."""
     group = spec.groups[ref.group]
-    vals = [_dots(bc, bc, axis), _dots(ac, ac, axis), _dots(ac, bc, axis)]
+    vals = [_sum_to(p, axis) for p in products]
     totals = tuple(float(v.sum()) for v in vals)
     u = stats.unit(ref.group, unit_count(spec, ref.group))
     if group.is_attention:
@@ -269,8 +271,8 @@ def tensor_stats(store: PairStore, spec: Spec, name: str, init: Mapping[str, tor
                  stats: Stats) -> None:
     """Add tensor ``name``'s share to ``stats`` in one read (see the module docstring).
 
-    Per row chunk, converted to float32 once: per-unit squared norms and identity dots along
-    every permuted axis (fused multiply-reduce, no product temporaries), whose sums are also
+    Per row chunk, converted to float32 once, the products B², A² and A·B once each: per-unit
+    squared norms and identity dots along every permuted axis, whose sums are also
     the chunk's ‖B‖², ‖A‖² (the NaN/Inf check) and ⟨B, A⟩ (J at the identity); ⟨B, π₀(A)⟩ when
     the initial guess moved one of its axes. ``init``: π₀ (None: the identity). Raises
     NonFiniteError naming the file and tensor when A's or B's copy holds NaN/Inf.
@@ -282,15 +284,15 @@ def tensor_stats(store: PairStore, spec: Spec, name: str, init: Mapping[str, tor
     for start, stop in row_chunks(tuple(tb.shape)):
         bc = (tb[start:stop] if tb.dim() else tb.reshape(1)).float()
         ac = (ta[start:stop] if ta.dim() else ta.reshape(1)).float()
+        products = (bc * bc, ac * ac, ac * bc)  # each computed once, reduced along every permuted axis
         totals = None
         for axis, ref in enumerate(axes):
             if ref is not None:
-                t = _add_units(stats, spec, ref, axis, start, stop, bc, ac)
+                t = _add_units(stats, spec, ref, axis, start, stop, products)
                 totals = totals or t
         if totals is None:  # no permuted axis (not matched): totals only
-            flat_b, flat_a = bc.reshape(-1), ac.reshape(-1)
-            totals = (float(torch.dot(flat_b, flat_b)), float(torch.dot(flat_a, flat_a)),
-                      float(torch.dot(flat_a, flat_b)))
+            totals = tuple(float(p.sum(dtype=torch.float64)) for p in products)
+        del products
         sq_b += totals[0]
         sq_a += totals[1]
         stats.j_identity += totals[2]

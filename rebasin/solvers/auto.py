@@ -7,10 +7,11 @@ same-lineage and other strong-signal costs are solved by this one O(n^2) pass; t
 backend ``auto_choice`` names.
 
 CPU with the C extension (``solve_auto_cpu``, what ``solve`` runs): one fused C pass for the
-NaN/Inf check, the row bound and the negated copy; problems it leaves go to the C dense JV
-(``native.jv``) when easy (many rows' best columns distinct, n <= JV_MAX_N), to the lapjvr JV
-(laprust / lapx) when hard, or to ``certified`` when large and hard. Elsewhere (GPU, no C
-extension, backend options): ``solve_auto`` with the same decisions in torch.
+NaN/Inf check, the row bound and the negated copy (up to JV_FIRST_MAX_N the C JV's column
+reduction does this); problems it leaves go to the C dense JV (``native.jv``) when easy (many
+rows' best columns distinct), to the lapjvr JV (laprust / lapx) when hard, or to ``certified``
+when large and hard. Elsewhere (GPU, no C extension, backend options): ``solve_auto``, the same
+decisions without the C JV.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ CERTIFIED_KNOTS = {
 }
 # CUDA/general path: inputs below this many entries skip the row bound (it can save at most
 # ~0.1 ms but costs ~0.05 ms of dispatch). On CPU the C JV's column reduction takes its place up
-# to JV_MAX_N, and above it the row bound is fused into the first pass.
+# to JV_FIRST_MAX_N, and above it the row bound is fused into the first pass.
 ROW_BOUND_MIN_ENTRIES = 1 << 18
 # The C dense JV (native.jv: vectorised init passes and Dijkstra scans over the unscanned
 # columns) against lapjvr (laprust), by n and by the fraction of rows its column reduction
@@ -59,6 +60,10 @@ ROW_BOUND_MIN_ENTRIES = 1 << 18
 # 0.65 -> 0.83/0.77, 0.77 -> 0.45/0.36; n = 512: 0.63 -> 2.37/3.22, 0.77 -> 0.97/0.94,
 # 0.94 -> 0.33/0.22; n = 1024: 0.65 -> 11.3/13.6, 0.77 -> 5.2/5.1, 0.93 -> 1.27/0.97.
 JV_MAX_N = 1024
+# up to this n the C JV runs first and its column reduction decides (a hard problem costs one
+# wasted pass, ~2% at n = 256); above it the fused first pass decides by the row bound's
+# distinct fraction (weak n = 1024: the wasted pass plus lapjvr's negated copy cost 10-40%)
+JV_FIRST_MAX_N = 256
 JV_KNOTS = ((128, 0.30), (256, 0.55), (512, 0.77), (1024, 0.77))
 # above JV_MAX_N: the C JV where at least this fraction of the rows' best columns is distinct
 # (fused row bound pass), which also spares lapjvr's negated copy. Planted costs, CPU s lapjvr /
@@ -145,9 +150,9 @@ def _run_exact(name: str, c: torch.Tensor, maximize: bool, opts: dict) -> tuple[
 @functools.lru_cache(maxsize=4096)
 def jv_threshold(n: int) -> float:
     """The distinct-best-column fraction from which the C dense JV beats lapjvr at size n
-    (``JV_KNOTS``, log2-linear between knots, clamped at the ends); 2.0 (never) above JV_MAX_N."""
+    (``JV_KNOTS``, log2-linear between knots, clamped below; JV_LARGE_DISTINCT above JV_MAX_N)."""
     if n > JV_MAX_N:
-        return 2.0
+        return JV_LARGE_DISTINCT
     if n <= JV_KNOTS[0][0]:
         return JV_KNOTS[0][1]
     for (n0, t0), (n1, t1) in itertools.pairwise(JV_KNOTS):
@@ -204,8 +209,8 @@ def _answer(arr: np.ndarray, perm: np.ndarray, obj: np.ndarray | None, method: s
 
 
 def _solve_jv(arr: np.ndarray, maximize: bool, dense: str) -> Assignment:
-    """n <= JV_MAX_N (``solve_auto_cpu``): the C dense JV on every problem — its column reduction
-    is also the NaN/Inf check and settles strong problems as fast as a row bound would — except
+    """n <= JV_FIRST_MAX_N (``solve_auto_cpu``): the C dense JV on every problem — its column
+    reduction is also the NaN/Inf check and settles strong problems as fast as a row bound would — except
     those it finds hard (fewer than ``jv_threshold(n)`` rows matched by the column reduction: long
     augmenting paths, where list-based lapjvr wins), which go to lapjvr (laprust / lapx)."""
     n = arr.shape[-1]
@@ -232,14 +237,15 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
     """``solve(cost, "auto")`` on CPU with the C extension, from the input as given; None when it
     does not apply (GPU, other dtypes, n < 2, no C extension: the general path ``solve_auto``).
 
-    n <= JV_MAX_N: ``_solve_jv``. Larger: one fused C pass (``native.prepare``) does the NaN/Inf
-    check, the row bound (each row's best column, and how many distinct columns they are) and,
-    for batches (maximisation), the negated copy lapjvr minimises; problems the row bound settles
-    are done, those with few conflicts (JV_LARGE_DISTINCT) go to the C JV, the rest to
-    ``auto_choice``'s backend (lapjvr, or certified when hard). A last C pass checks every
+    n <= JV_FIRST_MAX_N: ``_solve_jv``. Larger: one fused C pass (``native.prepare``) does the
+    NaN/Inf check, the row bound (each row's best column, and how many distinct columns they are)
+    and, where a dense solve is certain (batches, n below the first certified knot; maximisation),
+    the negated copy lapjvr minimises; problems the row bound settles are done, those with few
+    conflicts (distinct >= ``jv_threshold(n)``) go to the C JV, the rest to ``auto_choice``'s
+    backend (lapjvr, or certified when large and hard). A last C pass checks every
     permutation and sums the float64 objective from the input. Answer and shapes as ``solve``
     (perm (n,) / (b, n), objective () / (b,)); stats: auto_choice (the backend of the problems not
-    settled; "jv+laprust" when split), row_best (problems the row bound settled, n > JV_MAX_N).
+    settled; "jv+laprust" when split), row_best (problems the row bound settled, n > JV_FIRST_MAX_N).
     Why: the general path's separate passes and per-call overheads (each numpy/torch call 1-3 µs
     on a loaded 2-core machine) cost 40-50 µs around a 0.1 ms solve at n = 256, and three O(n^2)
     passes before a large one.
@@ -249,12 +255,13 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
         return None
     dense = dense_backend()
     n = arr.shape[-1]
-    if n <= JV_MAX_N:
+    if n <= JV_FIRST_MAX_N:
         return _solve_jv(arr, maximize, dense)
     arr3 = arr.reshape(-1, n, n)
     b = arr3.shape[0]
     s = -1.0 if maximize else 1.0
-    out = np.empty_like(arr3) if maximize and b > 1 and dense != "scipy" else None
+    dense_sure = dense != "scipy" and (b > 1 or n < CERTIFIED_KNOTS["native"][0][0])
+    out = np.empty_like(arr3) if maximize and dense_sure else None
     best = np.empty((b, n), dtype=np.int64)
     ndistinct = np.empty(b, dtype=np.int64)
     first = native.prepare(arr3, s, out, best, ndistinct)
@@ -264,7 +271,7 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
     n_ok = int(settled.sum())
     if n_ok == b:
         return _answer(arr, best, None, "auto", 0.0, {"auto_choice": "row-best", "row_best": b})
-    easy = ~settled & (ndistinct >= JV_LARGE_DISTINCT * n)
+    easy = ~settled & (ndistinct >= (0.0 if dense == "scipy" and n <= JV_MAX_N else jv_threshold(n)) * n)
     hard = ~settled & ~easy
     perm, gap, stats, names = best, 0.0, {}, []
     if easy.any():  # few conflicts: the C JV, without a negated copy
