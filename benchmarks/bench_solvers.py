@@ -26,8 +26,9 @@ reference, scipy's where run, rtol 1e-9), ``<peer>_matches`` for the float32 pee
 
 Then the thread section (``threads under load``): a few cases with and without one extra busy
 process (``python -c "while True: pass"``, started here and killed after), both thread settings:
-auto, the best peers, and the torch path that runs without the C extension, with the thread
-policy (scans single-threaded) and without it (``SCAN_THREADS = None``: torch's threads).
+auto, the dense peers, the certified solver's torch path (what runs without the C extension) with
+the thread policy (scans single-threaded) and without it (``SCAN_THREADS = None``), and at
+n = 256 the NaN/Inf check as it was (a threaded torch ``sum``) and as it is (one C pass).
 
 Reproduce: ``python -m benchmarks solvers`` (about an hour on 2 loaded cores; ``--quick``: a
 minute). Peers: ``pip install -e .[bench]`` (lapx, laprust, lapjv; scipy and POT are required).
@@ -274,10 +275,14 @@ def run_case(kind: str, n: int, batch: int | None, threads: int, device: str, pe
 
 
 def thread_section(quick: bool, device: str, default_threads: int) -> list[dict]:
-    """Cases with and without one extra busy process, both thread settings: auto, the dense peers,
-    and the torch path (no C extension) with and without the thread policy."""
+    """Cases with and without one extra busy process, both thread settings: auto and the dense
+    peers; where torch scans remain (the certified solver's torch path, taken without the C
+    extension) that path with the thread policy (scans single-threaded) and without it
+    (``SCAN_THREADS = None``: torch's threads); at n = 256 the NaN/Inf check as it was (a torch
+    ``sum``, threaded) and as it is (one C pass)."""
     cases = [("weak", 256, None), ("weak", 64, 64)] if quick else \
-        [("weak", 256, None), ("moderate", 1024, None), ("weak", 4096, None), ("weak", 64, 1024), ("weak", 128, 256)]
+        [("weak", 256, None), ("moderate", 1024, None), ("weak", 2048, None), ("weak", 4096, None),
+         ("weak", 64, 1024), ("weak", 128, 256)]
     peers = [p for p in ("laprust", "lapx32", "scipy") if p in available_peers()]
     records = []
     for load in ("current", "+1 busy process"):
@@ -286,33 +291,43 @@ def thread_section(quick: bool, device: str, default_threads: int) -> list[dict]
             for kind, n, batch in cases:
                 for threads in sorted({1, default_threads}):
                     with torch_threads(threads):
-                        cost = make_cost(kind, n, batch=batch, seed=1 if batch else 0)
-                        calls = {p: peer_fn(p, cost, threads) for p in peers if not (p == "scipy" and n > 1024)}
-                        calls["auto"] = ours_fn("auto", cost)
-
-                        def torch_auto(policy: int | None, c: torch.Tensor = cost) -> Callable[[], np.ndarray]:
-                            def call() -> np.ndarray:
-                                with torch_path(policy):
-                                    return solve(c, method="auto").perm.numpy()
-                            return call
-                        calls["auto_torch_path"] = torch_auto(1)
-                        calls["auto_torch_path_threaded"] = torch_auto(None)
-                        label = f"batch {batch}x{n}^2 {kind}" if batch else f"{kind} n={n}"
-                        rec: dict = {"case": f"{label} [{load}]", "kind": kind, "n": n, "batch": batch or 1,
-                                     "threads": threads, "load": load, "load1": round(os.getloadavg()[0], 2)}
-                        times, results = measure(calls, device)
-                        objs = {m: objective(cost, r) for m, r in results.items()}
-                        for m, t in times.items():
-                            rec[f"{m}_s"] = round(t, 5)
-                        _summarise(rec, times, objs, peers)
-                        rec["ratio_policy_vs_threaded_torch_path"] = round(
-                            times["auto_torch_path_threaded"] / times["auto_torch_path"], 3)
-                        print(f"[solvers/threads] {rec['case']} threads={threads} load1={rec['load1']}: "
-                              f"auto {times['auto']:.4g}s ratio vs best peer {rec.get('ratio_auto_vs_best_peer')}; "
-                              f"torch path policy/threaded {times['auto_torch_path']:.4g}/"
-                              f"{times['auto_torch_path_threaded']:.4g}s", flush=True)
-                        records.append(rec)
+                        records.append(_thread_case(kind, n, batch, threads, load, device, peers))
     return records
+
+
+def _thread_case(kind: str, n: int, batch: int | None, threads: int, load: str, device: str,
+                 peers: list[str]) -> dict:
+    cost = make_cost(kind, n, batch=batch, seed=1 if batch else 0)
+    calls = {p: peer_fn(p, cost, threads) for p in peers if not (p == "scipy" and n > 1024)}
+    calls["auto"] = ours_fn("auto", cost)
+    extra: dict[str, Callable[[], object]] = {}
+    if not batch and n >= 2048:
+        def certified_torch(policy: int | None) -> Callable[[], np.ndarray]:
+            def call() -> np.ndarray:
+                with torch_path(policy):
+                    return solve(cost, method="certified").perm.numpy()
+            return call
+        calls["certified_torch_path"] = certified_torch(1)
+        calls["certified_torch_path_threaded"] = certified_torch(None)
+    if not batch and n <= 256:
+        extra["nan_check_torch_sum"] = lambda: bool(torch.isfinite(cost.sum()))
+        extra["nan_check_now"] = lambda: native.first_nonfinite(cost.numpy()) if native.native_available() else None
+    label = f"batch {batch}x{n}^2 {kind}" if batch else f"{kind} n={n}"
+    rec: dict = {"case": f"{label} [{load}]", "kind": kind, "n": n, "batch": batch or 1, "threads": threads,
+                 "load": load, "load1": round(os.getloadavg()[0], 2)}
+    times, results = measure({**calls, **extra}, device)
+    objs = {m: objective(cost, r) for m, r in results.items() if m in calls}
+    for m, t in times.items():
+        rec[f"{m}_s"] = round(t, 6)
+    _summarise(rec, {m: t for m, t in times.items() if m in calls}, objs, peers)
+    if "certified_torch_path" in times:
+        rec["ratio_policy_vs_threaded"] = round(
+            times["certified_torch_path_threaded"] / times["certified_torch_path"], 3)
+    print(f"[solvers/threads] {rec['case']} threads={threads} load1={rec['load1']}: auto {times['auto']:.4g}s, "
+          f"ratio vs best peer {rec.get('ratio_auto_vs_best_peer')}, policy vs threaded "
+          f"{rec.get('ratio_policy_vs_threaded', '')}, nan check torch/now "
+          f"{times.get('nan_check_torch_sum', '')}/{times.get('nan_check_now', '')}", flush=True)
+    return rec
 
 
 def run(quick: bool, device: str) -> list[dict]:

@@ -13,7 +13,7 @@ from rebasin.io.stream_writer import Planned, StreamingCheckpointWriter
 from rebasin.io.writer import DEFAULT_SHARD_BYTES, atomic_output_dir, copy_model_files
 from rebasin.model import Model
 from rebasin.permutation import invert, restrict, validate
-from rebasin.streaming import check_finite_chunk, permuted_rows, row_chunks
+from rebasin.streaming import check_finite_chunk, permuted_rows, return_freed_memory, row_chunks
 
 
 def apply_checkpoint(model: Model, perms: Mapping[str, torch.Tensor], out: str | Path, *, inverse: bool = False,
@@ -39,6 +39,7 @@ def apply_checkpoint(model: Model, perms: Mapping[str, torch.Tensor], out: str |
     out = Path(out)
     ck, spec = model.checkpoint, model.spec
     check_budget("apply", estimate_apply(model), memory)
+    return_freed_memory()
     layout = [Planned(name, DTYPES[ck.tensors[name].dtype], ck.shape(name)) for name in ck.tensors]
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = StreamingCheckpointWriter(tmp, layout, max_shard_bytes=max_shard_bytes)

@@ -4,18 +4,19 @@ Every figure is a sum of parts the code really allocates (docs/scale.md), with t
 constants measured by ``python -m benchmarks scale`` (``benchmarks/results/scale-cpu.md``):
 
 - ``BASE_RSS``: the interpreter with torch, numpy, scipy and rebasin's matcher imported
-  (``APPLY_BASE_RSS`` for ``apply``, which imports less), measured on the tiny shape;
+  (``DIFF_BASE_RSS``, ``APPLY_BASE_RSS`` for the jobs that import or run less);
 - a *chunk* (:data:`rebasin.streaming.CHUNK_ELEMS` float32 elements, 16 MiB): every
   per-tensor pass holds a few of them (:data:`COST_CHUNKS`, :data:`STATS_CHUNKS`, ...);
 - the tensors a step holds whole, as stored: for matching, the largest pair (A, B) read for
   one cost term; for a rebasin transfer, A and A_ft of the largest tensor whose rows move;
 - a cost matrix, n² float32, plus the solver's working copy (:data:`SOLVER_BYTES_PER_ENTRY`);
 - one layer's attention blocks (float32 copies, gathered and concatenated: :data:`ATTN_BYTES_PER_PARAM`);
-- in cached mode, both models' permuted tensors as stored.
+- in cached mode, both models' permuted tensors as stored (then no step reads a pair of its own).
 
 Time: the cost GEMMs' floating-point operations (a plain group g costs 2·n_g·numel per tensor
 touching it, per evaluation) over this machine's float32 GEMM rate, measured in ~0.1 s when an
-estimate is made; the solves (weak-signal model, measured); the reads.
+estimate is made; the solves (weak-signal model, measured: an upper bound for planted and
+same-lineage pairs) and attention steps; the reads; the first read's statistics pass.
 """
 from __future__ import annotations
 
@@ -35,19 +36,25 @@ from rebasin.streaming import CHUNK_ELEMS
 GIB = 2**30
 MIB = 2**20
 
-# ---- measured constants (benchmarks/results/scale-cpu.md; 2-core x86 CI machine, torch 2.13 CPU) ----
-BASE_RSS = 450 * MIB            # match / transfer: python, torch, scipy, the solvers and kernels imported, GEMM probe
+# ---- measured constants: benchmarks/results/scale-cpu.md (2-core x86 CI machine, torch 2.13 CPU, glibc with
+# rebasin.streaming.return_freed_memory); peaks from VmHWM, temporaries from RSS sampled around single steps ----
+BASE_RSS = 450 * MIB            # match / rebasin transfer: torch, scipy, solvers and kernels imported, GEMM probe run
+DIFF_BASE_RSS = 415 * MIB       # transfer --mode diff: the same imports, no matching
 APPLY_BASE_RSS = 285 * MIB      # apply imports no matcher
 CHUNK_BYTES = CHUNK_ELEMS * 4   # one float32 chunk
-COST_CHUNKS = 3                 # accumulate_cost: B chunk (fp32), A chunk gathered (stored) and converted (fp32)
-STATS_CHUNKS = 8                # tensor_stats: B, A, π₀(A) chunks and their products, float32
-DIFF_CHUNKS = 10                # transfer: A, A_ft, B row chunks as stored and float32, δ, out (fp32 and cast)
+COST_CHUNKS = 10                # accumulate_cost: B and gathered A chunks (stored, float32) and BLAS packing (+170 MB)
+STATS_CHUNKS = 6                # tensor_stats: B, A and π₀(A) chunks in float32 and their products
+DIFF_CHUNKS = 5                 # transfer: row chunks of A, A_ft, B, δ, B + α·δ and its cast
 APPLY_CHUNKS = 3                # apply: gathered rows (twice) and the output copy
-SOLVER_BYTES_PER_ENTRY = 8      # auto/lapx/certified: a float64 copy of the cost (measured 1.4-1.8× the fp32 cost)
-ATTN_BYTES_PER_PARAM = 28       # collect_blocks: B and A as float32, A gathered and both concatenated, + raw held
-ALLOC_SLACK = 1.10              # allocator slack measured on the scale benchmark (freed blocks not yet returned)
-READ_BYTES_PER_S = 1.0e9        # pread + convert from the page cache, per process (2 cores, measured)
-DIFF_BYTES_PER_S = 0.25e9       # transfer --mode diff / apply, output bytes per second (measured)
+SOLVER_BYTES_PER_ENTRY = 8      # auto on a weak-signal cost: ~2× the float32 cost (measured 1.4-1.8×)
+ATTN_BYTES_PER_PARAM = 28       # one layer's attention blocks: B and A in float32, gathered, concatenated, grams
+ALLOC_SLACK = 1.03              # what the allocator keeps beyond live buffers (small once freed chunks go back)
+STARTUP_S = 3.0                 # interpreter and imports
+READ_BYTES_PER_S = 1.0e9        # pread of a tensor pair from the page cache (per process)
+STATS_BYTES_PER_S = 0.24e9      # match's first read (stats, NaN check, J): stored bytes of A and B per second
+DIFF_BYTES_PER_S = 0.2e9        # transfer --mode diff: output bytes per second
+APPLY_BYTES_PER_S = 0.25e9      # apply: output bytes per second
+ATTN_S_PER_PARAM = 1.2e-7       # one attention step, per parameter of the layer's attention tensors
 SOLVE_S_PER_ENTRY = 2.2e-8      # auto on a weak-signal n×n cost (independently trained models): ~2.2e-8·n² s
 
 
@@ -160,6 +167,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape) if shape else 1
 
 
+def _chunk_bytes(largest_numel: int) -> int:
+    """A float32 chunk: CHUNK_ELEMS elements, or the whole tensor when it is smaller."""
+    return 4 * min(CHUNK_ELEMS, largest_numel)
+
+
+def _largest_numel(model: Model) -> int:
+    return max((info.numel for info in model.checkpoint.tensors.values()), default=0)
+
+
 def estimate_match(spec: Spec, a: Model, b: Model, device: torch.device, world: int = 1, *,
                    dtype: torch.dtype | None = None) -> MatchEstimate:
     """Predict a match of ``a`` onto ``b`` (``spec``: the tensors matched, as :func:`rebasin.match` builds it).
@@ -177,16 +193,21 @@ def estimate_match(spec: Spec, a: Model, b: Model, device: torch.device, world: 
     cache_r, flops_r, solve_r = [0] * world, [0.0] * world, [0.0] * world
     for n in names:
         cache_r[own.tensor_owner.get(n, 0)] += pair[n]
-    # the largest tensor pair a step reads whole, with the cost matrix it accumulates into
-    term_peak = solver_peak = 0
+    # a cost step holds its cost matrix, chunk temporaries and (streaming) the tensor pair it reads
+    term_pair = term_temp = solver_peak = 0
     for g in spec.groups.values():
         if g.is_attention:
+            params = sum(_numel(spec.shapes[n]) for n in spec.tensors_of(g.name))
+            owner = own.group_owner.get(g.name)
+            solve_r[owner if owner is not None else 0] += ATTN_S_PER_PARAM * params
             continue
         tensors = spec.tensors_of(g.name)
         if not tensors:
             continue
         cost = g.size * g.size * 4
-        term_peak = max(term_peak, cost + max(pair[n] for n in tensors) + COST_CHUNKS * CHUNK_BYTES)
+        temps = COST_CHUNKS * _chunk_bytes(max(_numel(spec.shapes[n]) for n in tensors))
+        term_pair = max(term_pair, cost + max(pair[n] for n in tensors) + temps)
+        term_temp = max(term_temp, cost + temps)
         solver_peak = max(solver_peak, int(cost * (1 + SOLVER_BYTES_PER_ENTRY / 4)))
         if g.fixed:
             continue
@@ -196,28 +217,28 @@ def estimate_match(spec: Spec, a: Model, b: Model, device: torch.device, world: 
             flops_r[owner if owner is not None else own.tensor_owner.get(n, 0)] += 2.0 * g.size * _numel(
                 spec.shapes[n]) * axes
         solve_r[owner if owner is not None else 0] += SOLVE_S_PER_ENTRY * g.size * g.size
-    stats_peak = max(pair.values(), default=0) + STATS_CHUNKS * CHUNK_BYTES
-    attn_peak = 0
-    for g in spec.groups.values():
-        if g.is_attention:
-            params = sum(_numel(spec.shapes[n]) for n in spec.tensors_of(g.name))
-            attn_peak = max(attn_peak, ATTN_BYTES_PER_PARAM * params)
-    work = max(term_peak, solver_peak, stats_peak, attn_peak)
+    largest_pair = max(pair.values(), default=0)
+    attn_peak = max((ATTN_BYTES_PER_PARAM * sum(_numel(spec.shapes[n]) for n in spec.tensors_of(g.name))
+                     for g in spec.groups.values() if g.is_attention), default=0)
+    stats_temp = STATS_CHUNKS * _chunk_bytes(max((_numel(spec.shapes[n]) for n in names), default=0))
+    work_streaming = max(term_pair, largest_pair + stats_temp, solver_peak, attn_peak)
+    work_cached = max(term_temp, stats_temp, solver_peak, attn_peak)  # the pairs are in the cache
     cache = max(cache_r, default=0)
-    parts = {"base": BASE_RSS, "largest_step": int(work), "term_step": int(term_peak), "solve_step": int(solver_peak),
-             "stats_pass": int(stats_peak), "attention_layer": int(attn_peak), "cache": int(cache)}
+    parts = {"base": BASE_RSS, "term_step": int(term_pair), "stats_pass": int(largest_pair + stats_temp),
+             "solve_step": int(solver_peak), "attention_layer": int(attn_peak), "cache": int(cache)}
     if device.type == "cuda":
         # weights and costs live on the GPU; the host holds a tensor pair in flight and the solver's copy
-        streaming = int((BASE_RSS + max(max(pair.values(), default=0), solver_peak)) * ALLOC_SLACK)
+        streaming = int((BASE_RSS + max(largest_pair, solver_peak)) * ALLOC_SLACK)
         cached = streaming
     else:
-        streaming = int((BASE_RSS + work) * ALLOC_SLACK)
-        cached = int((BASE_RSS + work + cache) * ALLOC_SLACK)
+        streaming = int((BASE_RSS + work_streaming) * ALLOC_SLACK)
+        cached = int((BASE_RSS + cache + work_cached) * ALLOC_SLACK)
     rate = gemm_rate(device)
-    # each tensor is read for two groups per sweep (its layer's and the residual) and once to prepare
+    # each tensor is read for two groups per sweep (its layer's and the residual's); the first read
+    # (statistics, J, NaN/Inf) once
     per_rank = [flops_r[r] / rate + solve_r[r] + 2 * cache_r[r] / READ_BYTES_PER_S for r in range(world)]
     sweep_s = max(per_rank, default=0.0)
-    prepare_s = max(cache_r, default=0) / READ_BYTES_PER_S
+    prepare_s = STARTUP_S + max(cache_r, default=0) / STATS_BYTES_PER_S
     return MatchEstimate(streaming, cached, cache, sweep_s, prepare_s, max(flops_r, default=0.0), parts, world)
 
 
@@ -247,10 +268,11 @@ def _largest_moving(model: Model, spec: Spec | None = None) -> int:
 
 def estimate_apply(model: Model) -> JobEstimate:
     whole = _largest_moving(model)
-    peak = int((APPLY_BASE_RSS + whole + APPLY_CHUNKS * CHUNK_BYTES) * ALLOC_SLACK)
-    seconds = model.checkpoint.nbytes() / DIFF_BYTES_PER_S
+    chunks = APPLY_CHUNKS * _chunk_bytes(_largest_numel(model))
+    peak = int((APPLY_BASE_RSS + whole + chunks) * ALLOC_SLACK)
+    seconds = STARTUP_S + model.checkpoint.nbytes() / APPLY_BYTES_PER_S
     return JobEstimate("apply", peak, seconds, "streaming",
-                       {"base": APPLY_BASE_RSS, "largest_moving_tensor": whole, "chunks": APPLY_CHUNKS * CHUNK_BYTES})
+                       {"base": APPLY_BASE_RSS, "largest_moving_tensor": whole, "chunks": chunks})
 
 
 def estimate_write(a: Model, b: Model, rebasin: bool, vocab_tensors: list[str] | None = None) -> JobEstimate:
@@ -260,10 +282,11 @@ def estimate_write(a: Model, b: Model, rebasin: bool, vocab_tensors: list[str] |
     vocab = 0
     for name in vocab_tensors or []:
         vocab = max(vocab, 4 * 4 * max(a.checkpoint.tensors[name].numel, b.checkpoint.tensors[name].numel))
-    peak = int((BASE_RSS + max(whole + DIFF_CHUNKS * CHUNK_BYTES, vocab)) * ALLOC_SLACK)
-    seconds = b.checkpoint.nbytes() / DIFF_BYTES_PER_S
+    chunks = DIFF_CHUNKS * _chunk_bytes(_largest_numel(b))
+    peak = int((DIFF_BASE_RSS + max(whole + chunks, vocab)) * ALLOC_SLACK)
+    seconds = STARTUP_S + b.checkpoint.nbytes() / DIFF_BYTES_PER_S
     return JobEstimate("transfer-write", peak, seconds, "streaming",
-                       {"base": BASE_RSS, "whole_tensors": whole, "chunks": DIFF_CHUNKS * CHUNK_BYTES,
+                       {"base": DIFF_BASE_RSS, "whole_tensors": whole, "chunks": chunks,
                         "vocab_tensor": vocab})
 
 

@@ -7,7 +7,11 @@ shape, never on the memory mode, so streaming and cached runs do the same arithm
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import platform
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -18,6 +22,26 @@ from rebasin.specs import Spec
 from rebasin.symmetry import rotated_rows
 
 CHUNK_ELEMS = 1 << 22  # 4 Mi elements: 16 MiB in float32
+_MALLOPT_SET = False
+
+
+def return_freed_memory() -> None:
+    """Have glibc hand buffers of 1 MiB and more back to the OS as soon as they are freed.
+
+    By default glibc raises its mmap threshold after the first large free, so later chunk-sized
+    buffers come from the heap and freed ones stay resident: on the 0.5 B benchmark a streaming
+    match peaked anywhere between 1.3 and 1.7 GiB with it, 1.0 GiB without (the work is the same).
+    Called when a job starts streaming a checkpoint; process-wide, once; skipped when the user
+    set ``MALLOC_MMAP_THRESHOLD_`` or the C library is not glibc.
+    """
+    global _MALLOPT_SET
+    if _MALLOPT_SET or os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        return
+    _MALLOPT_SET = True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
 
 
 def row_chunks(shape: tuple[int, ...] | torch.Size, elems: int | None = None) -> Iterator[tuple[int, int]]:
@@ -57,14 +81,26 @@ def permuted_rows(spec: Spec, name: str, tensor: torch.Tensor, perms: Mapping[st
     return out
 
 
-def check_finite_chunk(chunk: torch.Tensor, inputs: list[tuple[torch.Tensor, object, str]], what: str) -> None:
+def check_finite_chunk(chunk: torch.Tensor, inputs: list[tuple[torch.Tensor, object, str]], what: str,
+                       wide: torch.Tensor | None = None) -> None:
     """NonFiniteError when ``chunk`` (a result) holds NaN/Inf: naming the input that does, else ``what``.
 
     The check runs on the result each pass produces anyway (NaN/Inf in any input reaches it),
-    so finite inputs cost one ``isfinite`` of the result chunk and no copy of their own; only a
-    failure looks at the inputs, to name the file and tensor at fault.
+    so finite inputs cost no copy of their own; only a failure looks at the inputs, to name the
+    file and tensor at fault. ``wide``: the result before its cast to ``chunk``'s dtype (float32):
+    then the test is its sum, one fast reduction (a NaN or Inf anywhere makes it non-finite; a
+    sum that overflows on finite values only sends it to the exact test), plus, for a narrower
+    dtype than bfloat16's range (float16), its largest magnitude against that dtype's maximum.
     """
-    if not chunk.is_floating_point() or bool(torch.isfinite(chunk).all()):
+    if not chunk.is_floating_point():
+        return
+    if wide is not None and wide.numel():
+        fits = math.isfinite(float(wide.sum()))
+        if fits and torch.finfo(chunk.dtype).max < torch.finfo(torch.bfloat16).max:
+            fits = float(wide.abs().amax()) <= torch.finfo(chunk.dtype).max
+        if fits:
+            return
+    if bool(torch.isfinite(chunk).all()):
         return
     for tensor, file, name in inputs:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -33,7 +33,7 @@ from rebasin.lora import ADAPTER_CONFIG, is_adapter_dir, lora_site, permute_lora
 from rebasin.model import Model, open_model
 from rebasin.permutation import identity, permute_tensor, restrict, validate
 from rebasin.report import REPORT_FILES, write_report
-from rebasin.streaming import check_finite_chunk, permuted_rows, row_chunks
+from rebasin.streaming import check_finite_chunk, permuted_rows, return_freed_memory, row_chunks
 from rebasin.vocab import VocabMap, vocab_map
 
 ALPHA_MODES = ("auto", "auto-layer")
@@ -113,8 +113,8 @@ def memory_plan(a: Model, b: Model, mode: str, adapter: bool, perms_file: str | 
         mem_mode = "cached" if est.cached <= budget else "streaming"
         peak = max(peak, est.peak(mem_mode))
         seconds += est.seconds(2)
-        detail = (f"match {mem_mode}: {human(est.peak(mem_mode))} (cached would need {human(est.cached)}, "
-                  f"streaming {human(est.streaming)}); ~{est.seconds_first_sweep:.0f} s per sweep"
+        detail = (f"the match {'caches both models' if mem_mode == 'cached' else 'streams'} (cached: "
+                  f"{human(est.cached)}, streaming: {human(est.streaming)}); ~{est.seconds_first_sweep:.0f} s per sweep"
                   + (f" on {world} ranks" if world > 1 else ""))
     fits = peak <= budget
     line = (f"{human(peak)} predicted ({detail}); budget {human(budget)} ({how})"
@@ -204,6 +204,7 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
         return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, perms_arg, alpha, device=device,
                                                     memory=memory)})
     mem = memory_plan(a, b, mode, adapter, perms_arg, device, memory)
+    return_freed_memory()
     if not mem["fits"]:
         raise RefusedError(f"this transfer needs {mem['line']}; nothing was done. Free memory, pass a larger "
                            "--memory, or run the match on several processes (torchrun, see docs/scale.md)")
@@ -343,14 +344,16 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
                     if pi is not None:  # other axes move: gather them within the chunk
                         ra = permuted_rows(a.spec, name, ra, pi, 0, stop - start)
                         rf = permuted_rows(a.spec, name, rf, pi, 0, stop - start)
-                delta = rf.float() - ra.float()
+                delta = rf.to(torch.float32, copy=True).sub_(ra.float())  # copy: never modify an input
                 sq_norm += _sq_sum(delta)
-                out = (tb.to(torch.float32) + alpha * delta).to(dtype)
+                wide = tb.to(torch.float32, copy=True).add_(delta.mul_(alpha))  # B + α·δ, float32, in place
+                out = wide.to(dtype)
                 check_finite_chunk(out, [(tb, bk.where(name), name), (rf, fk.where(name), name),
-                                         (ra, ak.where(name), name)], f"{name}: {overflow}")
-                if same and not torch.equal(out, tb.to(dtype)):
+                                         (ra, ak.where(name), name)], f"{name}: {overflow}", wide=wide)
+                if same and not torch.equal(out, tb if tb.dtype == dtype else tb.to(dtype)):
                     same = False
                 writer.write(name, out)
+                del delta, wide, out
             del whole_a, whole_f
         if same:
             unchanged += 1
@@ -366,11 +369,10 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
 
 
 def _sq_sum(x: torch.Tensor) -> float:
-    """Σ x² (float32 sums per row, added in float64)."""
+    """Σ x² (torch's cascaded float32 reduction: one pass, no temporary)."""
     if x.numel() == 0:
         return 0.0
-    x = x.reshape(x.shape[0] if x.dim() else 1, -1)
-    return float((x * x).sum(1).double().sum())
+    return float(torch.linalg.vector_norm(x)) ** 2
 
 
 def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tensor] | None,

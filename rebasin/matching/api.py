@@ -23,6 +23,7 @@ from rebasin.matching.engine import MatchResult, Timer, match_store
 from rebasin.matching.store import PairStore, Side
 from rebasin.model import Model, open_model
 from rebasin.specs import Spec, resolve_spec
+from rebasin.streaming import return_freed_memory
 from rebasin.symmetry import SYMMETRIES
 from rebasin.vocab import VocabMap
 
@@ -149,6 +150,7 @@ def match(source: Source, target: Source, *, family: str | None = None, config: 
             def get_b(n: str, _get=lb.get) -> torch.Tensor:
                 return _get(n).index_select(0, vocab.b_rows) if n in rows else _get(n)
         if la.model is not None and lb.model is not None:
+            return_freed_memory()
             est = estimate_match(spec, la.model, lb.model, dev, dist.world, dtype=dtype)
             mode = choose_mode(est, memory, cache)
         else:

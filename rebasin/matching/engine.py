@@ -343,7 +343,8 @@ def match_store(
     with timer("objective"):
         stats = dist.call(read_all)
         if dist.active:
-            stats = Stats.from_flat(spec, dist.all_reduce(stats.flat(spec)))
+            # on the compute device: NCCL reduces CUDA tensors only
+            stats = Stats.from_flat(spec, dist.all_reduce(stats.flat(spec).to(device)).cpu())
     bar.close()
     work.stats = stats
     j_identity, j = stats.j_identity, stats.j_init

@@ -854,7 +854,7 @@ static inline Py_ssize_t find_sum_eq(const double *a, const double *b, Py_ssize_
                 h = j == j1 ? INFINITY : h;                                                      \
                 m = h < m ? h : m;                                                               \
             }                                                                                    \
-            v[j1] -= m;                                                                          \
+            if (m < INFINITY) v[j1] -= m; /* n = 1: no other column */                           \
         }                                                                                        \
         memcpy(freel, scan, sizeof(int64_t) * nfree);                                            \
         /* augmenting row reduction, two rounds */                                               \

@@ -7,11 +7,11 @@ same-lineage and other strong-signal costs are solved by this one O(n^2) pass; t
 backend ``auto_choice`` names.
 
 CPU with the C extension (``solve_auto_cpu``, what ``solve`` runs): one fused C pass for the
-NaN/Inf check, the row bound and the negated copy (up to JV_FIRST_MAX_N the C JV's column
-reduction does this); problems it leaves go to the C dense JV (``native.jv``) when easy (many
-rows' best columns distinct), to the lapjvr JV (laprust / lapx) when hard, or to ``certified``
-when large and hard. Elsewhere (GPU, no C extension, backend options): ``solve_auto``, the same
-decisions without the C JV.
+NaN/Inf check and the row bound (up to JV_FIRST_MAX_N the C JV's column reduction does this);
+problems it leaves go to the C dense JV (``native.jv``) when easy (many rows' best columns
+distinct), to the lapjvr JV (laprust / lapx) when hard, or to ``certified`` when large and hard.
+Elsewhere (GPU, no C extension, backend options): ``solve_auto``, the same decisions without the
+C JV.
 """
 from __future__ import annotations
 
@@ -238,11 +238,12 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
     does not apply (GPU, other dtypes, n < 2, no C extension: the general path ``solve_auto``).
 
     n <= JV_FIRST_MAX_N: ``_solve_jv``. Larger: one fused C pass (``native.prepare``) does the
-    NaN/Inf check, the row bound (each row's best column, and how many distinct columns they are)
-    and, where a dense solve is certain (batches, n below the first certified knot; maximisation),
-    the negated copy lapjvr minimises; problems the row bound settles are done, those with few
-    conflicts (distinct >= ``jv_threshold(n)``) go to the C JV, the rest to ``auto_choice``'s
-    backend (lapjvr, or certified when large and hard). A last C pass checks every
+    NaN/Inf check and the row bound (each row's best column, and how many distinct columns they
+    are); problems the row bound settles are done, those with few conflicts (distinct >=
+    ``jv_threshold(n)``) go to the C JV, the rest to ``auto_choice``'s backend (lapjvr on the
+    negated copy it needs, or certified when large and hard). (Fusing that copy into the first
+    pass saved a read for hard problems but cost a fresh n^2 allocation — page faults, 1-3 ms at
+    n = 1024 on a loaded machine — for easy ones, which then never read it.) A last C pass checks every
     permutation and sums the float64 objective from the input. Answer and shapes as ``solve``
     (perm (n,) / (b, n), objective () / (b,)); stats: auto_choice (the backend of the problems not
     settled; "jv+laprust" when split), row_best (problems the row bound settled, n > JV_FIRST_MAX_N).
@@ -260,11 +261,9 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
     arr3 = arr.reshape(-1, n, n)
     b = arr3.shape[0]
     s = -1.0 if maximize else 1.0
-    dense_sure = dense != "scipy" and (b > 1 or n < CERTIFIED_KNOTS["native"][0][0])
-    out = np.empty_like(arr3) if maximize and dense_sure else None
     best = np.empty((b, n), dtype=np.int64)
     ndistinct = np.empty(b, dtype=np.int64)
-    first = native.prepare(arr3, s, out, best, ndistinct)
+    first = native.prepare(arr3, s, None, best, ndistinct)
     if first >= 0:
         raise _nonfinite(first, n)
     settled = ndistinct == n
@@ -287,8 +286,8 @@ def solve_auto_cpu(cost: Array, maximize: bool) -> Assignment | None:
                            torch.from_numpy(arr3[idx[0]:idx[0] + 1]))
         names.append(name)
         if name in ("laprust", "lapx"):
-            m = out if out is not None else np.negative(arr3) if maximize else arr3
-            perm[idx] = _lapjvr(name, m if idx.size == b else m[idx])
+            m = arr3 if idx.size == b else arr3[idx]
+            perm[idx] = _lapjvr(name, np.negative(m) if maximize else m)
         else:
             with scan_threads("cpu"):
                 res = _solvers()[name].fn(torch.from_numpy(arr3 if idx.size == b else arr3[idx]), maximize)
