@@ -1,8 +1,9 @@
 """How well a given π aligns A to B, without matching: the per-group statistics of a match.
 
 ``transfer --perms`` has no :class:`~rebasin.matching.engine.MatchResult`, yet its report and
-``alignment.png`` show the same numbers a match would: per group the fraction of units moved
-and the mean cosine of B's units to A's before (identity) and after π, plus
+``alignment.png`` show the same numbers a match would: per group the fraction of units moved,
+the mean cosine of B's units to A's before (identity) and after π, and for a π holding rotations
+(a format-version-2 file) how much they rotate and how many KV heads they map, plus
 ``J = Σ_W ⟨W_B, π(W_A)⟩`` at the identity and at π. Plain groups are accumulated streaming, one
 tensor of A and B at a time; an attention group reads only its own layer's tensors.
 """
@@ -19,13 +20,16 @@ from rebasin.matching.engine import attention_moved
 from rebasin.matching.terms import as_rows
 from rebasin.model import Model
 from rebasin.permutation import identity, moved_fraction, permute_tensor
+from rebasin.symmetry import kind_of
 
 
 def alignment_stats(a: Model, b: Model, perms: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """``{"objective_identity", "objective", "groups": [...]}`` for π applied to A, compared with B.
 
     ``groups`` has the fields of :class:`~rebasin.matching.engine.GroupStats` (name, kind,
-    size, moved, cos_before, cos_after, template, layer). Tensors whose shapes differ between
+    size, moved, cos_before, cos_after, template, layer, rotation: mean ‖R − I‖_F / (2√d) over
+    the group's rotations), and where the kind has rotations ``rotated_blocks`` (KV-head slots
+    a non-identity rotation maps) of ``rotation_blocks`` (n_kv_heads). Tensors whose shapes differ between
     A and B (a vocabulary change) are left out, as ``rebasin match`` leaves them out.
     """
     names = [n for n in a.spec.permuted_tensors() if b.spec.shapes.get(n) == a.spec.shapes[n]]
@@ -66,6 +70,11 @@ def alignment_stats(a: Model, b: Model, perms: Mapping[str, torch.Tensor]) -> di
         else:
             d0, a0, b0, d1, a1, b1 = acc[group.name]
             before, after, moved = cosine(d0, a0, b0), cosine(d1, a1, b1), moved_fraction(perms, group.name)
-        groups.append({"name": group.name, "kind": group.kind, "size": group.size, "moved": moved,
-                       "cos_before": before, "cos_after": after, "template": group.template, "layer": group.layer})
+        kind = kind_of(group)
+        row = {"name": group.name, "kind": group.kind, "size": group.size, "moved": moved, "cos_before": before,
+               "cos_after": after, "template": group.template, "layer": group.layer,
+               "rotation": kind.rotation(group, perms)}
+        if kind.rotation_blocks(group):
+            row.update(rotated_blocks=kind.rotated_blocks(group, perms), rotation_blocks=kind.rotation_blocks(group))
+        groups.append(row)
     return {"objective_identity": j_identity, "objective": j_pi, "groups": groups}

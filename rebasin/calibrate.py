@@ -20,6 +20,14 @@ fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
 
 Everything runs on ``transformers`` modules: module names can differ from checkpoint names,
 so tensors are matched to blocks by :func:`block_of`, which reads the same block from both.
+
+Cost: the probe forwards dominate (sampling the probes, the fine-tune's targets once, one
+forward of the candidate per α evaluated, ~8–12). Models of :data:`BF16_MIN_PARAMS` parameters
+and more run those forwards in bfloat16 where this machine's bfloat16 GEMMs are at least
+:data:`BF16_SPEEDUP` times its float32 ones (CPUs with AMX or AVX512-BF16); the task vector,
+B's weights and every sum ``B + α·δ`` stay float32 and only the module's copy is rounded. Both the
+fine-tune and the candidate are rounded the same way, so D(α) keeps its minimum where B + α·δ
+meets A_ft; the rounding adds a small floor, far below the divergences compared.
 """
 from __future__ import annotations
 
@@ -35,20 +43,34 @@ import torch
 from tqdm.auto import tqdm
 
 from rebasin.errors import RebasinError
+from rebasin.estimate import gemm_rate
 from rebasin.hf import load_hf_model, module_spec, primary_output
 from rebasin.permutation import apply_to_state, random_perms
-from rebasin.probes import Probes, make_probes
+from rebasin.probes import Probes, cast_inputs, make_probes
 from rebasin.vocab import VocabMap
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+PROBES_SMALL = (32, 128)  # synthetic probes (count, tokens each) by default
+PROBES_LARGE = (16, 64)  # ... for models of LARGE_PARAMS parameters and more (forwards cost ∝ parameters)
+LARGE_PARAMS = 100_000_000
 REFINE_STEPS = 5
 CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
 NULL_SHARE = 0.5  # ... of which at least this share must vanish under a random symmetry
 LAYER_STEPS = 150
 LAYER_LR = 0.03
 LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
-LOGIT_BUDGET = 1 << 28  # bytes of teacher log-probabilities kept in float32 (else bfloat16)
+LOGIT_BUDGET = 1 << 28  # bytes of teacher probabilities kept in float32 (else bfloat16)
+BF16_MIN_PARAMS = 50_000_000  # smaller models: float32 forwards (cheap, and identical on every CPU)
+BF16_SPEEDUP = 2.0  # bfloat16 forwards only where bfloat16 GEMMs run at least this much faster
 _LAYER = re.compile(r"\.(\d+)(?=\.)")
+
+
+def forward_dtype(n_params: int) -> torch.dtype:
+    """The dtype of the probe forwards for a model of ``n_params`` parameters (see the module docstring)."""
+    if n_params < BF16_MIN_PARAMS:
+        return torch.float32
+    fast = gemm_rate("cpu", torch.bfloat16) >= BF16_SPEEDUP * gemm_rate("cpu", torch.float32)
+    return torch.bfloat16 if fast else torch.float32
 
 
 def block_of(name: str) -> str:
@@ -81,6 +103,7 @@ class Calibration:
         curve: ``[[α, D(α)], ...]`` sorted by α.
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
+        dtype: the dtype of the probe forwards ("float32" or "bfloat16").
     """
 
     alpha: float
@@ -99,6 +122,7 @@ class Calibration:
     probes: dict[str, Any]
     layer_fit: dict[str, Any] | None
     seconds: float
+    dtype: str = "float32"
 
     def alpha_of(self, tensor: str) -> float:
         """The α a checkpoint (or module) tensor receives."""
@@ -114,26 +138,34 @@ class Candidate:
     """``B + α·δ`` as a live module: ``base`` and ``delta`` are keyed by the module's parameter names.
 
     ``delta`` holds π(τ) already placed in B's shapes (vocabulary rows mapped); parameters
-    without a delta stay B's.
+    without a delta stay B's. ``base`` and ``delta`` are float32; the module runs in ``dtype``
+    (its parameters are rounded from the float32 sum).
     """
 
-    def __init__(self, module: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    def __init__(self, module: torch.nn.Module, delta: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32) -> None:
         self.module = module
         self.params = dict(module.named_parameters())
-        self.base = {k: self.params[k].detach().clone() for k in delta}
+        self.base = {k: self.params[k].detach().float().clone() for k in delta}
+        module.to(dtype)
         self.delta = delta
         self.blocks = sorted({block_of(k) for k in delta})
 
     @torch.no_grad()
     def set(self, alpha: float | Mapping[str, float]) -> None:
         for k, d in self.delta.items():
-            a = alpha if isinstance(alpha, (int, float)) else alpha.get(block_of(k), 0.0)
-            self.params[k].copy_(self.base[k]).add_(d, alpha=float(a))
+            a = float(alpha if isinstance(alpha, (int, float)) else alpha.get(block_of(k), 0.0))
+            p = self.params[k]
+            if p.dtype == torch.float32:
+                p.copy_(self.base[k]).add_(d, alpha=a)
+            else:
+                p.copy_(torch.add(self.base[k], d, alpha=a))
 
     def functional(self, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters as differentiable functions of per-block α's ``(n_blocks,)``."""
         index = {b: i for i, b in enumerate(self.blocks)}
-        return {k: self.base[k] + alphas[index[block_of(k)]] * d for k, d in self.delta.items()}
+        return {k: (self.base[k] + alphas[index[block_of(k)]] * d).to(self.params[k].dtype)
+                for k, d in self.delta.items()}
 
 
 def bridge_vocab(probes: Probes, vocab: VocabMap, seed: int) -> tuple[Probes, Probes]:
@@ -163,20 +195,27 @@ class Teacher:
         self.vocab = vocab
         self.probes, self.student = bridge_vocab(probes, vocab, seed) if vocab is not None else (probes, probes)
         self.chunk = chunk
-        self.targets: list[torch.Tensor] = []
+        self.dtype = next(model.parameters()).dtype
+        self.targets: list[torch.Tensor] = []  # KL: probabilities p; NMSE: features
+        self.neg_entropy: list[torch.Tensor] = []  # KL: Σ p·log p per position
         self.kind = "kl"
         with torch.no_grad():
             for sl in self.slices():
-                out = model(**self.probes.batch(sl).inputs)
+                out = model(**cast_inputs(self.probes.batch(sl).inputs, model))
                 has_logits = getattr(out, "logits", None) is not None or getattr(out, "logits_per_image", None) \
                     is not None
                 self.kind = "kl" if has_logits else "nmse"
                 y = self._shared(primary_output(out).float(), "a")
-                y = torch.log_softmax(y, dim=-1) if has_logits else y
+                if has_logits:
+                    logp = torch.log_softmax(y, dim=-1)
+                    y = logp.exp()
+                    self.neg_entropy.append((y * logp).sum(-1))
                 self.targets.append(y)
         total = sum(t.numel() for t in self.targets) * 4
         if total > LOGIT_BUDGET:
             self.targets = [t.to(torch.bfloat16) for t in self.targets]
+        # Σ p per position as stored (1 up to bfloat16 rounding): keeps D(α) an exact cross-entropy
+        self.mass = [t.float().sum(-1) for t in self.targets] if self.kind == "kl" else []
         if self.kind == "nmse":
             allv = torch.cat([t.flatten(0, -2) for t in self.targets]).float()
             self.scale = float(allv.var(dim=0).mean().clamp_min(1e-12))
@@ -192,15 +231,16 @@ class Teacher:
         return y.index_select(-1, rows.to(y.device)) if y.shape[-1] == size else y
 
     def inputs(self, sl: slice) -> dict[str, torch.Tensor]:
-        """The candidate's inputs for slice ``sl``."""
-        return self.student.batch(sl).inputs
+        """The candidate's inputs for slice ``sl`` (floating inputs in the fine-tune's dtype, the candidate's too)."""
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in self.student.batch(sl).inputs.items()}
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
         """(sum of per-position divergences, number of positions) of chunk ``i``."""
         y = self._shared(primary_output(out).float(), "b")
         t = self.targets[i].float()
         if self.kind == "kl":
-            per = (t.exp() * (t - torch.log_softmax(y, dim=-1))).sum(-1)
+            # KL(p ‖ softmax y) = Σ p·log p − Σ p·y + (Σ p)·logsumexp y
+            per = self.neg_entropy[i] - (t * y).sum(-1) + self.mass[i] * torch.logsumexp(y, dim=-1)
         else:
             per = (y - t).pow(2).mean(-1) / self.scale
         pos = self.probes.positions
@@ -349,8 +389,10 @@ def _load_finetune(finetuned: Path, a_dir: Path) -> torch.nn.Module:
 
 def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
               perms: Mapping[str, torch.Tensor] | None, alpha: float | str = "auto", vocab: VocabMap | None = None,
-              probe_data: str | Path | None = None, probe_count: int = 32, probe_length: int = 128,
-              seed: int = 0, layer_steps: int | None = None, progress: bool = False) -> Calibration:
+              probe_data: str | Path | None = None, probe_count: int | None = None,
+              probe_length: int | None = None,
+              seed: int = 0, layer_steps: int | None = None, dtype: torch.dtype | None = None,
+              progress: bool = False) -> Calibration:
     """Choose α (or check a given α) for ``B + α·π(A_ft − A)``; see the module docstring.
 
     Args:
@@ -359,25 +401,33 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         perms: π (rebasin mode) or None (diff mode).
         alpha: "auto", "auto-layer", or a number (then D(0), D(α) and D(1) only).
         probe_data: the user's unlabeled inputs (see :mod:`rebasin.probes`), else synthetic probes.
-        probe_count, probe_length: number and length of synthetic probe sequences.
+        probe_count, probe_length: number and length of synthetic probe sequences (None:
+            :data:`PROBES_SMALL`, or :data:`PROBES_LARGE` from :data:`LARGE_PARAMS` parameters).
+        dtype: the probe forwards' dtype; None: :func:`forward_dtype` of B's size.
     """
     t0 = time.perf_counter()
     what = "--alpha auto"
     ft = _load_finetune(Path(finetuned), Path(old_base))
+    b = load_hf_model(new_base, what=what)
+    delta = task_delta(ft, Path(old_base), b, family, perms, vocab)  # float32, before any rounding
+    if not delta:
+        raise RebasinError("calibration found no tensor of the task vector in the new base's module",
+                           file=new_base)
+    n_params = sum(p.numel() for p in b.parameters())
+    dtype = dtype or forward_dtype(n_params)
+    default_count, default_length = PROBES_LARGE if n_params >= LARGE_PARAMS else PROBES_SMALL
+    probe_count, probe_length = probe_count or default_count, probe_length or default_length
+    cand = Candidate(b, delta, dtype)
+    # sampling runs small batches, where float32 GEMMs are the fast ones
     probes = make_probes(ft, count=probe_count, length=probe_length, seed=seed, model_dir=Path(finetuned)
                          if (Path(finetuned) / "config.json").is_file() else Path(old_base), probe_data=probe_data)
+    ft.to(dtype)
     per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
     vocab_size = getattr(ft.config, "vocab_size", None) or 1024
     # at least 4 chunks: auto-layer fits on minibatches and holds half of them out
     chunk = max(1, min(len(probes) // 4, (1 << 26) // max(1, per_seq * vocab_size)))
     teacher = Teacher(ft, probes, chunk, vocab, seed)
-    b = load_hf_model(new_base, what=what)
-    delta = task_delta(ft, Path(old_base), b, family, perms, vocab)
     del ft
-    if not delta:
-        raise RebasinError("calibration found no tensor of the task vector in the new base's module",
-                           file=new_base)
-    cand = Candidate(b, delta)
     curve: dict[float, float] = {}
 
     def f(a: float) -> float:
@@ -427,4 +477,5 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                        kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
                        kl_null=kl_null, null_reduction=null_reduction,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
-                       probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0)
+                       probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0,
+                       dtype=str(dtype).removeprefix("torch."))

@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-data", metavar="PATH", help="unlabeled probe inputs for calibration: a text file (one "
                    "example a line) or a .safetensors of input tensors (default: sampled from the fine-tune for "
                    "causal LMs, synthetic otherwise)")
-    p.add_argument("--probe-count", type=positive_int, default=32, metavar="N", help="probe examples (default 32)")
-    p.add_argument("--probe-length", type=positive_int, default=128, metavar="T",
-                   help="tokens per synthetic probe (default 128)")
+    p.add_argument("--probe-count", type=positive_int, metavar="N",
+                   help="probe examples (default 32; 16 for models of 100M parameters and more)")
+    p.add_argument("--probe-length", type=positive_int, metavar="T",
+                   help="tokens per synthetic probe (default 128; 64 for models of 100M parameters and more)")
     p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
                    "calibration's relative KL reduction over the new base is below X (e.g. 0.1)")
     p.add_argument("--perms", help="reuse a permutations file instead of matching")

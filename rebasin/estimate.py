@@ -90,22 +90,23 @@ def budget_bytes(memory: float | None) -> tuple[int, str]:
     return max(0, free - margin), f"free memory {human(free)} minus a {human(margin)} margin"
 
 
-_GEMM_RATE: dict[str, float] = {}
+_GEMM_RATE: dict[tuple[str, torch.dtype], float] = {}
 
 
-def gemm_rate(device: torch.device | str = "cpu") -> float:
-    """This process's GEMM rate (FLOP/s) on cost-shaped products, measured once per device (~0.1 s):
-    float32 on CPU, bfloat16 inputs on CUDA (what the cost kernels read there)."""
+def gemm_rate(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> float:
+    """This process's GEMM rate (FLOP/s) on cost-shaped products, measured once per device and
+    dtype (~0.1 s). ``dtype`` None: what the cost kernels read there (float32 on CPU, bfloat16
+    inputs on CUDA)."""
     device = torch.device(device)
-    key = device.type
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    key = (device.type, dtype)
     if key not in _GEMM_RATE:
-        n, m = (1024, 2048) if key == "cpu" else (4096, 8192)
-        dtype = torch.float32 if key == "cpu" else torch.bfloat16
+        n, m = (1024, 2048) if device.type == "cpu" else (4096, 8192)
         g = torch.Generator().manual_seed(0)
         b = torch.randn(n, m, generator=g).to(device, dtype)
         a = torch.randn(n, m, generator=g).to(device, dtype)
         out = b @ a.T  # warm-up
-        sync = torch.cuda.synchronize if key == "cuda" else (lambda: None)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         reps, t0 = 0, time.perf_counter()
         while reps < 3 or time.perf_counter() - t0 < 0.05:

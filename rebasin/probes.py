@@ -19,6 +19,7 @@ Every probe set is a deterministic function of the model, the sizes and the seed
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,12 @@ class Probes:
     def summary(self) -> dict[str, Any]:
         shapes = {k: list(v.shape) for k, v in self.inputs.items()}
         return {"kind": self.kind, "count": len(self), "shapes": shapes, **self.meta}
+
+
+def cast_inputs(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``inputs`` with their floating tensors (pixels, features) in ``model``'s parameter dtype."""
+    dtype = next(model.parameters()).dtype
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
@@ -167,14 +174,15 @@ def invert_images(model: torch.nn.Module, pixels: torch.Tensor, steps: int, gen:
     ``steps`` Adam steps on ``pixels`` ``(n, c, h, w)`` minimising cross-entropy to the target plus a
     total-variation and an L2 prior (data-free model inversion). The weights are not touched."""
     x = pixels.clone().requires_grad_(True)
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        n_classes = int(model(pixel_values=x[:1]).logits.shape[-1])
+        n_classes = int(model(pixel_values=x[:1].to(dtype)).logits.shape[-1])
     target = (torch.arange(len(x)) + int(torch.randint(0, n_classes, (1,), generator=gen))) % n_classes
     opt = torch.optim.Adam([x], lr=INVERT_LR)
     for p in model.parameters():
         p.requires_grad_(False)
     for _ in range(steps):
-        logits = model(pixel_values=x).logits
+        logits = model(pixel_values=x.to(dtype)).logits.float()
         tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
         loss = torch.nn.functional.cross_entropy(logits, target) + INVERT_TV * tv + INVERT_L2 * x.pow(2).mean()
         opt.zero_grad()

@@ -58,18 +58,33 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
     if m:
         how = (f"matched {m['objective']:.6g} ({m['sweeps']} sweeps, "
                f"{'converged' if m['converged'] else 'not converged'})" if report.get("match")
-               else f"given π {m['objective']:.6g} (permutations from `{m['perms']}`, no matching)")
+               else f"given π {m['objective']:.6g} (permutations from `{m['perms']}`"
+               + (f", format version {m['format_version']}" if m.get("format_version") else "")
+               + (", with within-head rotations" if m.get("rotations") else "") + ", no matching)")
         lines += ["", "## Alignment of A to B", "",
                   f"objective Σ⟨B, π(A)⟩: identity {m['objective_identity']:.6g} → {how}", ""]
         if plot:
             lines += ["![per-layer alignment](alignment.png)", ""]
-        rotated = any(g.get("rotation") for g in m["groups"])  # within-head orthogonal maps (--symmetries full)
+        # within-head orthogonal maps (--symmetries full, or a format-version-2 permutations file)
+        rotated = bool(m.get("rotations")) or any(g.get("rotation") for g in m["groups"])
+        if rotated:
+            lines += ["rotation: mean ‖R − I‖_F / (2√d_head) over a group's within-head maps (0: identity, "
+                      "1: −I)" + ("; in brackets the KV heads a non-identity rotation maps"
+                                  if any("rotated_blocks" in g for g in m["groups"]) else ""), ""]
         lines += ["| group | kind | size | moved | cos before | cos after |" + (" rotation |" if rotated else ""),
                   "|---|---|---:|---:|---:|---:|" + ("---:|" if rotated else "")]
         for g in m["groups"]:
             lines.append(f"| {g['name']} | {g['kind']} | {g['size']} | {g['moved']:.1%} | {g['cos_before']:.4f} | "
-                         f"{g['cos_after']:.4f} |" + (f" {g.get('rotation', 0.0):.3f} |" if rotated else ""))
+                         f"{g['cos_after']:.4f} |" + (f" {rotation_cell(g)} |" if rotated else ""))
     return "\n".join(lines) + "\n"
+
+
+def rotation_cell(g: dict[str, Any]) -> str:
+    """``0.412 (3/4 heads)``: the group's rotation amount and, where known, its rotated KV heads."""
+    cell = f"{g.get('rotation', 0.0):.3f}"
+    if "rotated_blocks" in g:
+        cell += f" ({g['rotated_blocks']}/{g['rotation_blocks']} heads)"
+    return cell
 
 
 def tensor_counts(t: dict[str, int], adapter: bool = False) -> str:
@@ -88,7 +103,8 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
     template, plus one panel for the global groups (residual streams, ALBERT's embedding).
 
     ``groups``: the ``groups`` of :meth:`MatchResult.to_dict` (or of
-    :func:`rebasin.alignment.alignment_stats`). Layers are integer ticks; the y-axis is the
+    :func:`rebasin.alignment.alignment_stats`). A per-layer group with within-head rotations
+    also gets its rotation amount (``rotation``, dashed). Layers are integer ticks; the y-axis is the
     cosine scale, 0 to 1 (extended below 0 only for a negative value), never auto-zoomed, so
     a rise from 0 to 0.013 looks as small as it is. Returns False when matplotlib is missing
     or there are no groups.
@@ -101,11 +117,12 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
-    series: dict[str, list[tuple[int, float, float]]] = {}
+    series: dict[str, list[tuple[int, float, float, float]]] = {}
     global_groups: list[tuple[str, float, float]] = []
     for g in groups:
         if g.get("layer") is not None:
-            series.setdefault(g["template"], []).append((g["layer"], g["cos_before"], g["cos_after"]))
+            series.setdefault(g["template"], []).append((g["layer"], g["cos_before"], g["cos_after"],
+                                                         g.get("rotation") or 0.0))
         else:
             global_groups.append((g["name"], g["cos_before"], g["cos_after"]))
     if not series and not global_groups:
@@ -121,6 +138,9 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
         xs = [p[0] for p in points]
         ax.plot(xs, [p[1] for p in points], "o-", label="before (identity)", color="#999999")
         ax.plot(xs, [p[2] for p in points], "o-", label="after π", color="#d62728")
+        if any(p[3] for p in points):  # within-head rotations: how far from the identity, same 0–1 scale
+            ax.plot(xs, [p[3] for p in points], "s--", label="rotation ‖R − I‖/(2√d)", color="#1f77b4")
+            ax.legend(fontsize=8)
         ax.set_title(template)
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

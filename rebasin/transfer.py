@@ -31,7 +31,7 @@ from rebasin.io.stream_writer import Planned, StreamingCheckpointWriter
 from rebasin.io.writer import CheckpointWriter, atomic_output_dir, copy_aux_files, copy_model_files, ensure_output_free
 from rebasin.lora import ADAPTER_CONFIG, is_adapter_dir, lora_site, permute_lora, read_adapter_config
 from rebasin.model import Model, open_model
-from rebasin.permutation import identity, permute_tensor, restrict, validate
+from rebasin.permutation import has_rotations, identity, permute_tensor, restrict, validate
 from rebasin.report import REPORT_FILES, write_report
 from rebasin.streaming import check_finite_chunk, permuted_rows, return_freed_memory, row_chunks
 from rebasin.vocab import VocabMap, vocab_map
@@ -152,7 +152,7 @@ def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: 
 def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, output: str | Path, *,
              mode: str = "rebasin", alpha: float | str = "auto", perms: str | Path | None = None,
              solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str = "auto", dtype: str = "auto",
-             probe_data: str | Path | None = None, probe_count: int = 32, probe_length: int = 128,
+             probe_data: str | Path | None = None, probe_count: int | None = None, probe_length: int | None = None,
              probe_seed: int = 0, require_gain: float | None = None, check_alpha: bool = False,
              overwrite: bool = False, verify: bool = False, dry_run: bool = False,
              progress: bool = False, memory: float | None = None, symmetries: str = "full") -> TransferResult:
@@ -224,10 +224,11 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
         if perms is not None:
             from rebasin.alignment import alignment_stats
 
-            pi, _ = load_perms(perms)
+            pi, perms_meta = load_perms(perms)
             pi = restrict(pi, symmetries)  # perm: the file's rotations left out
             validate(a.spec, pi, where=perms, state=a.checkpoint.get)
-            alignment = {**alignment_stats(a, b, pi), "perms": str(perms)}
+            alignment = {**alignment_stats(a, b, pi), "perms": str(perms),
+                         "format_version": perms_meta.get("format_version"), "rotations": has_rotations(pi)}
         else:
             from rebasin.matching.api import match
 

@@ -18,11 +18,22 @@ from rebasin.cli import main
 from rebasin.errors import ArchitectureError, InputFileError
 from rebasin.io.perms_file import load_perms, save_perms
 from rebasin.lora import permute_lora
-from rebasin.matching import match
+from rebasin.matching import engine, match
+from rebasin.matching.engine import match_states
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, identity, invert, permute_tensor, random_perms, restrict, validate
-from rebasin.specs import resolve_spec
-from rebasin.symmetry import pair_rotation, rope_pairs
+from rebasin.specs import FAMILIES_DIR, AxisRef, FamilySpec, resolve_spec
+from rebasin.symmetry import (
+    KINDS,
+    MATCHER_STEPS,
+    matcher_step,
+    norm_weights,
+    pair_rotation,
+    pass_classes,
+    pass_dims,
+    rope_pairs,
+    rotary_dims,
+)
 
 TRANSFER_A1 = ["transfer", "--alpha", "1"]  # a given α: these tests check the arithmetic
 
@@ -362,6 +373,33 @@ def test_transfer_with_rotations(rotated_trio, tmp_path):
     assert not any(k.endswith("_rot") for k in load_perms(out_p / "permutations.safetensors")[0])
 
 
+def test_transfer_perms_report_shows_rotations(rotated_trio, tmp_path):
+    """``transfer --perms`` with a format-version-2 file: report.json, report.md and alignment.png
+    show the rotations (amount and rotated KV heads per group); ``--symmetries perm`` drops them."""
+    root, _, spec, t0 = rotated_trio
+    save_perms(tmp_path / "t0.safetensors", t0, family="llama")
+    out = tmp_path / "given"
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"),
+                 "--new-base", str(root / "B"), "-o", str(out), "--perms", str(tmp_path / "t0.safetensors")]) == 0
+    rep = json.loads((out / "report.json").read_text())["alignment"]
+    assert rep["format_version"] == "2" and rep["rotations"]
+    attn = [g for g in rep["groups"] if g["kind"] == "attention"]
+    kv = next(g for g in spec.groups.values() if g.is_attention).n_kv_heads
+    assert attn and all(g["rotation"] > 0.05 and g["rotated_blocks"] == g["rotation_blocks"] == kv for g in attn)
+    assert all(g["rotation"] == 0.0 and "rotated_blocks" not in g for g in rep["groups"] if g["kind"] == "plain")
+    assert all(g["cos_after"] > 1 - 1e-5 for g in attn)  # π = T0 aligns A to B exactly
+    md = (out / "report.md").read_text()
+    assert "| rotation |" in md and f"({kv}/{kv} heads)" in md and "with within-head rotations" in md
+    assert (out / "alignment.png").exists() == ("alignment.png" in md)  # the plot, when matplotlib is installed
+    perm = tmp_path / "perm"
+    assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "Aft"),
+                 "--new-base", str(root / "B"), "-o", str(perm), "--perms", str(tmp_path / "t0.safetensors"),
+                 "--symmetries", "perm"]) == 0
+    rep_p = json.loads((perm / "report.json").read_text())["alignment"]
+    assert not rep_p["rotations"] and all(g.get("rotated_blocks", 0) == 0 for g in rep_p["groups"])
+    assert "| rotation |" not in (perm / "report.md").read_text()
+
+
 def test_lora_transfer_with_rotations_matches_full(rotated_trio, tmp_path):
     import peft
 
@@ -397,3 +435,143 @@ def test_independent_pair_full_beats_perm():
     assert full.objective > perm.objective
     cos = {s: [g.cos_after for g in r.groups if g.kind == "attention"] for s, r in (("perm", perm), ("full", full))}
     assert sum(cos["full"]) > sum(cos["perm"])
+
+
+# ---- partial rotary embeddings: pair rotations on the rotary dims, any orthogonal map on the rest ----
+# StableLM (transformers) rotates only the first int(d_head · partial_rotary_factor) dims of each head
+# (rotate_half pairs inside them); no shipped family has partial rotary, so the tests give it a family
+# file of its own: Llama's tensors plus LayerNorm biases, and ``rope_fraction`` read from the config.
+_STABLELM_PARTIAL = '''
+family = "stablelm_partial"
+model_types = ["stablelm"]
+inherits = "llama"
+
+[groups."layers.{L}.attn"]
+kind = "attention"
+n_heads = "n_heads"
+n_kv_heads = "n_kv_heads"
+d_head = "d_head"
+rope = true
+rope_fraction = "rope_parameters.partial_rotary_factor|partial_rotary_factor"
+
+[tensors]
+"(model.)?layers.{L}.input_layernorm.bias" = ["residual"]
+"(model.)?layers.{L}.post_attention_layernorm.bias" = ["residual"]
+"(model.)?norm.bias" = ["residual"]
+'''
+
+
+def _partial_rotary(tmp_path, factor: float = 0.5):
+    """A tiny StableLM (d_head 8, GQA 4/2, Q/K/V biases) rotating ``factor`` of each head, and
+    its spec from a family file written next to a copy of llama.toml."""
+    shutil.copy(FAMILIES_DIR / "llama.toml", tmp_path / "llama.toml")
+    (tmp_path / "stablelm_partial.toml").write_text(_STABLELM_PARTIAL)
+    cfg = T.StableLmConfig(**DEC, use_qkv_bias=True, partial_rotary_factor=factor)
+    model = _seeded(lambda: T.StableLmForCausalLM(cfg))()
+    sd = dict(model.state_dict())
+    spec = FamilySpec.from_file(tmp_path / "stablelm_partial.toml").resolve(
+        model.config.to_dict(), {k: tuple(v.shape) for k, v in sd.items()})
+    return model, sd, spec
+
+
+def _outputs(model, state) -> torch.Tensor:
+    other = type(model)(model.config)
+    other.load_state_dict({**model.state_dict(), **{k: v for k, v in state.items() if k in model.state_dict()}})
+    return run_model(other.eval(), CASES["llama"])
+
+
+def test_partial_rotary_spec_reads_the_factor(tmp_path):
+    """rope_fraction 0.5 of d_head 8: pairs (0, 2), (1, 3) on the rotary dims, dims 4..7 pass through."""
+    _, _, spec = _partial_rotary(tmp_path)
+    g = spec.groups["layers.0.attn"]
+    assert (g.rope_dim, rotary_dims(g), g.d_head) == (4, 4, 8)
+    assert rope_pairs(g).tolist() == [[0, 2], [1, 3]]
+    assert pass_dims(g).tolist() == [4, 5, 6, 7]
+    full = dataclasses.replace(g, rope_dim=0)
+    assert rope_pairs(full).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]] and not pass_dims(full).numel()
+
+
+def test_partial_rotary_rotations_preserve_outputs(tmp_path):
+    """Random π with pair rotations on the rotary dims and Haar-orthogonal maps on the pass-through
+    dims (and V/O): outputs unchanged to 1e-5, π⁻¹ restores the weights to 1e-6."""
+    model, sd, spec = _partial_rotary(tmp_path)
+    perms = random_perms(spec, torch.Generator().manual_seed(3), rotations=True, state=sd)
+    validate(spec, perms, state=sd)
+    g = spec.groups["layers.0.attn"]
+    rest = pass_dims(g)
+    block = perms[f"{g.name}.qk_rot"][:, rest][:, :, rest]
+    assert float((block - torch.eye(len(rest), dtype=block.dtype)).abs().max()) > 0.1  # really rotated
+    moved = apply_to_state(spec, perms, sd)
+    assert _rel(_outputs(model, moved), run_model(model, CASES["llama"])) <= 1e-5
+    back = apply_to_state(spec, invert(spec, perms), moved)
+    assert all(_rel(back[k], sd[k]) <= 1e-6 for k in sd if sd[k].is_floating_point())
+
+
+def test_partial_rotary_planted_recovery(tmp_path):
+    """B = (permutation ∘ V/O orthogonal ∘ RoPE pair rotations ∘ pass-through orthogonal)(A) is
+    recovered to 1e-5; permutations and pair rotations alone cannot undo it."""
+    _, sd, spec = _partial_rotary(tmp_path)
+    p0 = random_perms(spec, torch.Generator().manual_seed(1), rotations=True, state=sd)
+    moved = apply_to_state(spec, p0, sd)
+    result = match_states(spec, moved, sd, progress=False)
+    validate(spec, result.perms, state=sd)
+    back = apply_to_state(spec, result.perms, moved)
+    assert all(_rel(back[k], sd[k]) <= 1e-5 for k in sd if sd[k].is_floating_point())
+    perm_only = match_states(spec, moved, sd, progress=False, symmetries="perm")
+    assert perm_only.objective < result.objective
+
+
+def test_partial_rotary_non_symmetry_breaks_outputs(tmp_path):
+    """The control: a rotation mixing a rotary dim with a pass-through dim (or two rotary dims of
+    different frequencies) changes the outputs and is refused; the same rotation inside the
+    pass-through dims is exact."""
+    model, sd, spec = _partial_rotary(tmp_path)
+    y0 = run_model(model, CASES["llama"])
+    good = _qk_rot_perms(spec, lambda _g: [(4, 6), (5, 7)])  # two pass-through dims: any plane
+    validate(spec, good, state=sd)
+    assert _rel(_outputs(model, apply_to_state(spec, good, sd)), y0) <= 1e-5
+    mixed = _qk_rot_perms(spec, lambda _g: [(0, 4)])  # rotary dim 0 with pass-through dim 4
+    with pytest.raises(ArchitectureError, match="pass-through"):
+        validate(spec, mixed, state=sd)
+    assert _rel(_outputs(model, apply_to_state(spec, mixed, sd)), y0) > 1e-3
+    cross = _qk_rot_perms(spec, lambda _g: [(0, 1)])  # two rotary dims of different frequencies
+    with pytest.raises(ArchitectureError, match="frequency pairs"):
+        validate(spec, cross, state=sd)
+    assert _rel(_outputs(model, apply_to_state(spec, cross, sd)), y0) > 1e-3
+
+
+def test_partial_rotary_norm_restricts_the_pass_through_map(tmp_path):
+    """Under a per-dimension Q/K norm (``qk_shared``) the pass-through map may only mix dims with
+    equal norm weights: random π and matching respect it, validate refuses a map across them."""
+    _, sd, spec = _partial_rotary(tmp_path)
+    g = dataclasses.replace(spec.groups["layers.0.attn"], qk_shared=True)
+    spec.groups[g.name] = g
+    gamma = torch.tensor([1.0, 1.1, 1.0, 1.1, 0.7, 0.7, 0.9, 1.3])  # dims 4, 5 tied; 6, 7 distinct
+    sd["q_norm.0"], sd["k_norm.0"] = gamma, gamma.clone()
+    spec.axes["q_norm.0"] = spec.axes["k_norm.0"] = [AxisRef(g.name, "qk_dim")]
+    spec.shapes["q_norm.0"] = spec.shapes["k_norm.0"] = (8,)
+    classes = pass_classes(g, norm_weights(spec, g, sd.__getitem__))
+    assert sorted(c.tolist() for c in classes) == [[4, 5], [6], [7]]
+    perms = random_perms(spec, torch.Generator().manual_seed(2), rotations=True, state=sd)
+    validate(spec, perms, state=sd)
+    r = perms[f"{g.name}.qk_rot"]
+    assert float(r[:, 5, 4].abs().max()) > 1e-3  # the tied pair really rotates
+    assert float(r[:, 6:, 4:6].abs().max()) == 0.0 and float(r[:, 6, 7].abs().max()) == 0.0
+    across = _qk_rot_perms(spec, lambda grp: [(5, 6)] if grp.name == g.name else [])
+    with pytest.raises(ArchitectureError, match="norm weights are equal"):
+        validate(spec, across, state=sd)
+    moved = apply_to_state(spec, perms, sd)
+    result = match_states(spec, moved, sd, progress=False)
+    validate(spec, result.perms, state=moved)
+    back = apply_to_state(spec, result.perms, moved)
+    assert all(_rel(back[k], sd[k]) <= 1e-5 for k in sd if sd[k].is_floating_point())
+
+
+def test_every_kind_has_one_matcher_step():
+    """The engine dispatches through one table: each symmetry kind maps to a callable step."""
+    assert set(MATCHER_STEPS) == set(KINDS)
+    spec = _spec(CASES["llama"].build())
+    steps = {g.kind: matcher_step(g) for g in spec.groups.values()}
+    assert steps == {"plain": engine.plain_step, "attention": engine.attention_step}
+    with pytest.raises(Exception, match="no matcher step"):
+        matcher_step(dataclasses.replace(next(iter(spec.groups.values())), kind="other"))

@@ -9,6 +9,7 @@ Pickle-based files (``pytorch_model.bin``, ``.pt``) are refused, never unpickled
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -37,8 +38,17 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 
 def ensure_finite(tensor: torch.Tensor, file: object, name: str) -> torch.Tensor:
-    """Return ``tensor``; NonFiniteError naming ``file`` and ``name`` if it holds NaN/Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Return ``tensor``; NonFiniteError naming ``file`` and ``name`` if it holds NaN/Inf.
+
+    The test is one float32 (float64) sum: NaN or Inf anywhere makes it non-finite; only then (or
+    when finite values overflow the sum) does the exact element-wise test run.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if math.isfinite(float(tensor.sum(dtype=wide))):
+        return tensor
+    if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"contains {bad} NaN/Inf value(s)", file=file, tensor=name)
     return tensor

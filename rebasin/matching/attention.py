@@ -18,7 +18,9 @@ Maps given τ, each optimal for its cost (batched over slots):
 
 * Q/K with RoPE: ``ρ = id``; ``R`` a rotation of each frequency pair ``(i, j)`` by
   ``θ = atan2(C_ji − C_ij, C_ii + C_jj)`` (closed form; only 0 or π where a per-dimension norm
-  forbids other angles, see :mod:`rebasin.symmetry.attention`).
+  forbids other angles, see :mod:`rebasin.symmetry.attention`). With partial rotary the
+  pass-through dims take the orthogonal Procrustes solution of their block of ``C`` (per class
+  of equal norm weights under a per-dimension norm), block-diagonal with the pair rotations.
 * Q/K without RoPE, V/O: ``ρ`` the linear assignment of ``C``; with rotations ``R`` is the
   orthogonal Procrustes solution of ``C[:, ρ]`` (``U Vᵀ`` of its SVD), so ``R P_ρ`` is the best
   orthogonal map and ``ρ`` its nearest permutation. A slot's ``R`` is kept only where it
@@ -49,7 +51,7 @@ import torch
 from rebasin.matching.terms import as_rows, other_index
 from rebasin.solvers import solve
 from rebasin.specs import Group, Spec
-from rebasin.symmetry.attention import continuous_pairs, rope_pairs
+from rebasin.symmetry.attention import continuous_pairs, pass_classes, pass_dims, rope_pairs
 
 State = Mapping[str, torch.Tensor]
 # A slot's rotation must beat R = I by this fraction of the slot's share of J. Weights that differ
@@ -210,12 +212,14 @@ class Modes:
     """How each within-head map is solved: ``fixed`` (identity), ``perm`` (assignment),
     ``shared`` (one assignment for all heads, with the norm term), ``orth`` (assignment, then
     Procrustes), ``pairs`` (RoPE pair rotations); ``free`` marks the pairs that may take any
-    angle (else 0 or π)."""
+    angle (else 0 or π); ``blocks`` lists the classes of pass-through dims of partial rotary
+    (int64 head dims each) that ``pairs`` maps by Procrustes (empty with full RoPE)."""
 
     qk: str
     vo: str
     free: torch.Tensor | None = None
     pairs: torch.Tensor | None = None
+    blocks: tuple[torch.Tensor, ...] = ()
 
 
 def modes_for(group: Group, rotations: bool, hb: HeadBlocks) -> Modes:
@@ -226,10 +230,16 @@ def modes_for(group: Group, rotations: bool, hb: HeadBlocks) -> Modes:
     else:
         qk = "orth" if rotations else "perm"
     free = pairs = None
+    blocks: tuple[torch.Tensor, ...] = ()
     if qk == "pairs":
+        norms = hb.na.detach().cpu()
         pairs = rope_pairs(group).to(hb.qb.device)
-        free = continuous_pairs(group, hb.na.detach().cpu()).to(hb.qb.device)
-    return Modes(qk, "orth" if rotations else "perm", free, pairs)
+        free = continuous_pairs(group, norms).to(hb.qb.device)
+        classes = pass_classes(group, norms)
+        if classes is None:  # unreachable with the weights at hand; only sign flips otherwise
+            classes = [d[None] for d in pass_dims(group)]
+        blocks = tuple(c.to(hb.qb.device) for c in classes)
+    return Modes(qk, "orth" if rotations else "perm", free, pairs, blocks)
 
 
 def _solve_perm(cost: torch.Tensor, solver: str) -> torch.Tensor:
@@ -256,8 +266,10 @@ def _procrustes(c: torch.Tensor) -> torch.Tensor:
 
 
 def _pair_rotation(cost: torch.Tensor, modes: Modes) -> torch.Tensor:
-    """The best rotation of each RoPE pair, closed form: ⟨R(θ), C_pair⟩ = a cos θ + b sin θ with
-    a = C_ii + C_jj, b = C_ji − C_ij, maximised at θ = atan2(b, a) (or at 0 / π when restricted)."""
+    """(S, dh, dh) cost -> (S, dh, dh) float64: the best rotation of each RoPE pair, closed form:
+    ⟨R(θ), C_pair⟩ = a cos θ + b sin θ with a = C_ii + C_jj, b = C_ji − C_ij, maximised at
+    θ = atan2(b, a) (or at 0 / π when restricted); partial rotary's pass-through classes by
+    Procrustes on their diagonal blocks of C."""
     i, j = modes.pairs[:, 0], modes.pairs[:, 1]
     c = cost.double()
     a = c[:, i, i] + c[:, j, j]
@@ -274,6 +286,9 @@ def _pair_rotation(cost: torch.Tensor, modes: Modes) -> torch.Tensor:
     r[:, j, j] = cos
     r[:, i, j] = -sin
     r[:, j, i] = sin
+    for dims in modes.blocks:  # partial rotary: the best orthogonal map of each pass-through class
+        sub = (dims[:, None], dims[None, :])
+        r[(slice(None), *sub)] = _procrustes(c[(slice(None), *sub)])
     return r
 
 

@@ -48,7 +48,7 @@ from rebasin.matching.terms import as_rows, group_terms, mapped_a, other_index
 from rebasin.permutation import Perms, axis_index, identity, moved_fraction, permute_tensor
 from rebasin.solvers import solve
 from rebasin.specs import AxisRef, Group, Spec
-from rebasin.symmetry import kind_of
+from rebasin.symmetry import kind_of, matcher_step
 
 State = Mapping[str, torch.Tensor]
 
@@ -377,11 +377,8 @@ def match_store(
                     group = spec.groups[name]
                     bar.set_postfix_str(name, refresh=False)
                     work.inputs = inputs
-                    if group.is_attention:
-                        out[name] = _attention_step(work, a, b, group, perms, solver, timer, proposals,
-                                                    symmetries == "full")
-                    else:
-                        out[name] = _update_plain(spec, a, b, name, perms, solver, timer, work)
+                    out[name] = matcher_step(group)(work, a, b, group, perms, solver=solver, timer=timer,
+                                                    proposals=proposals, rotations=symmetries == "full")
                 return out
 
             results = dist.call(run)
@@ -512,8 +509,15 @@ def read_sets(spec: Spec) -> dict[str, tuple[str, ...]]:
     return {g: tuple(sorted(r)) for g, r in reads.items()}
 
 
-def _attention_step(work: Work, a: LazyState, b: LazyState, group: Group, perms: Perms, solver: str,
-                    timer: Timer, proposals: dict, rotations: bool = False) -> tuple[bool, float]:
+def plain_step(work: Work, a: LazyState, b: LazyState, group: Group, perms: Perms, *, solver: str,
+               timer: Timer, proposals: dict, rotations: bool = False) -> tuple[bool, float]:
+    """The matcher step of a plain group (``symmetry.ops.MATCHER_STEPS``): :func:`_update_plain`.
+    ``proposals`` and ``rotations`` concern attention groups only."""
+    return _update_plain(work.spec, a, b, group.name, perms, solver, timer, work)
+
+
+def attention_step(work: Work, a: LazyState, b: LazyState, group: Group, perms: Perms, *, solver: str,
+                   timer: Timer, proposals: dict, rotations: bool = False) -> tuple[bool, float]:
     """One head-aware step (:func:`rebasin.matching.attention.update_attention`) and its exact
     gain in J: the score of the group's blocks before and after (the blocks do not depend on
     the group's own permutations, so they are gathered once)."""

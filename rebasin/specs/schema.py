@@ -69,6 +69,11 @@ class Group:
             ``half`` pairs (i, i + d_head/2), HF's ``rotate_half``; ``interleaved`` pairs (2i, 2i+1).
             The family file gives ``half``, ``interleaved`` or a config.json key selecting
             ``interleaved`` when true.
+        rope_dim: partial rotary embeddings: RoPE rotates only the first ``rope_dim`` dims of
+            each Q/K head (pairs per ``rope_layout`` inside them), the other ``d_head - rope_dim``
+            pass through unrotated. 0 means the whole head (see :attr:`rotary_dims`). The family
+            file gives ``rope_fraction`` (a number or config keys, e.g. ``partial_rotary_factor``:
+            ``rope_dim = int(d_head * fraction)``) or ``rope_dim`` (a size expression, e.g. ``rotary_dim``).
         fixed: the group must stay the identity in this checkpoint (an output group of a
             headless model, see the module docstring). Not part of equality: two checkpoints
             of one shape have equal groups whether or not a head follows.
@@ -85,12 +90,18 @@ class Group:
     rope: bool = False
     qk_shared: bool = False
     rope_layout: str = "half"
+    rope_dim: int = 0
     output: bool = False
     fixed: bool = field(default=False, compare=False)
 
     @property
     def is_attention(self) -> bool:
         return self.kind == "attention"
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many leading Q/K dims of a head RoPE rotates (``d_head`` unless partial rotary)."""
+        return self.rope_dim or self.d_head
 
     @property
     def q_per_kv(self) -> int:
@@ -313,10 +324,12 @@ class FamilySpec:
             n_heads, n_kv, d_head = size("n_heads"), size("n_kv_heads"), size("d_head")
             if n_heads % n_kv:
                 raise ArchitectureError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
+            rope = bool(g.get("rope", False))
             return Group(template, template, None, kind="attention", size=n_heads * d_head, n_heads=n_heads,
-                         n_kv_heads=n_kv, d_head=d_head, rope=bool(g.get("rope", False)),
+                         n_kv_heads=n_kv, d_head=d_head, rope=rope,
                          qk_shared=bool(g.get("qk_shared", False)), output=bool(g.get("output", False)),
-                         rope_layout=_rope_layout(g.get("rope_layout", "half"), config or {}, self.source.name))
+                         rope_layout=_rope_layout(g.get("rope_layout", "half"), config or {}, self.source.name),
+                         rope_dim=_rope_dim(g, d_head, sizes, config or {}, self.source.name) if rope else 0)
         return Group(template, template, None, kind="plain", size=size("size"), output=bool(g.get("output", False)))
 
 
@@ -329,6 +342,32 @@ def _rope_layout(value: str, config: dict[str, Any], source: str) -> str:
     if not isinstance(value, str) or not value:
         raise ArchitectureError(f"spec error in {source}: rope_layout must be half, interleaved or a config key")
     return "interleaved" if _lookup(config, value) else "half"
+
+
+def _rope_dim(g: dict[str, Any], d_head: int, sizes: dict[str, int], config: dict[str, Any], source: str) -> int:
+    """Rotated dims per head of a RoPE group: ``rope_dim`` (an integer or a size name, e.g. one
+    reading GPT-J's ``rotary_dim``) or ``int(d_head * f)`` for ``rope_fraction`` ``f`` (a number, or
+    config keys with alternatives ``a|b``, the first present wins: ``partial_rotary_factor``).
+    Neither given, or a factor absent from the config: the whole head (returned as 0)."""
+    if "rope_dim" in g:
+        value = g["rope_dim"]
+        dims = int(value) if isinstance(value, int) else sizes.get(value)
+        if dims is None:
+            raise ArchitectureError(f"spec error in {source}: rope_dim must be an integer or a size name")
+    elif "rope_fraction" in g:
+        value = g["rope_fraction"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            factor: Any = value
+        elif isinstance(value, str) and value:
+            factor = next((v for v in (_lookup(config, k) for k in value.split("|")) if v is not None), 1.0)
+        else:
+            raise ArchitectureError(f"spec error in {source}: rope_fraction must be a number or config keys")
+        dims = int(d_head * float(factor))
+    else:
+        return 0
+    if dims % 2 or not 0 < dims <= d_head:
+        raise ArchitectureError(f"rotary dims {dims} must be even and in (0, d_head={d_head}] ({source})")
+    return 0 if dims == d_head else dims
 
 
 def _layer_indices(found: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, int | None]:

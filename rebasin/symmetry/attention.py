@@ -30,6 +30,13 @@ What is allowed (exact in real arithmetic; docs/design.md, Symmetries):
   ``S(θ)`` iff ``θ ∈ {0, π}`` or ``γ_i = γ_j`` (for ``diag(a, b)`` with ``a ≠ b`` the only
   commuting rotations are ``±I``), for the q and the k norm both. RMS normalisation is
   invariant under any orthogonal map of the head vector.
+* ``qk_rot`` with partial RoPE (``group.rope_dim``: only the first ``r`` dims of a head are
+  rotated, the pairs lie inside them): pair rotations on the first ``r`` dims, and any
+  orthogonal map ``P`` of the ``d − r`` pass-through dims (no position acts on them, so
+  ``(Pq)·(Pk) = q·k``); nothing may mix a rotated with a pass-through dim. Under a
+  per-dimension norm ``P`` must commute with ``diag(γ)`` on those dims for both weights: it may
+  only mix dims whose (q, k) norm weights are equal (:func:`pass_classes`; distinct weights
+  leave ``±1`` per dim).
 """
 from __future__ import annotations
 
@@ -57,13 +64,45 @@ ORTHO_TOL = 1e-5  # |R Rᵀ − I| allowed in a file (float32 files round at ~1e
 STRUCT_TOL = 1e-6  # entries that must be zero (off the RoPE pairs, the sine of a forbidden pair)
 
 
+def rotary_dims(group: Group) -> int:
+    """How many leading dims of a Q/K head RoPE rotates (``d_head`` unless partial rotary)."""
+    return getattr(group, "rope_dim", 0) or group.d_head
+
+
 def rope_pairs(group: Group) -> torch.Tensor:
-    """(d_head/2, 2) the dims that RoPE rotates together: ``(i, i + d/2)`` or ``(2i, 2i+1)``."""
-    d = group.d_head
-    half = torch.arange(d // 2)
+    """(r/2, 2) the dims that RoPE rotates together, ``r`` = :func:`rotary_dims`: ``(i, i + r/2)``
+    (``half``) or ``(2i, 2i+1)`` (``interleaved``)."""
+    r = rotary_dims(group)
+    half = torch.arange(r // 2)
     if getattr(group, "rope_layout", "half") == "interleaved":
         return torch.stack([2 * half, 2 * half + 1], dim=1)
-    return torch.stack([half, half + d // 2], dim=1)
+    return torch.stack([half, half + r // 2], dim=1)
+
+
+def pass_dims(group: Group) -> torch.Tensor:
+    """(d_head − r,) int64 the Q/K dims partial RoPE leaves unrotated (empty for full RoPE)."""
+    return torch.arange(rotary_dims(group), group.d_head)
+
+
+def pass_classes(group: Group, norms: Norms) -> list[torch.Tensor] | None:
+    """The pass-through dims (:func:`pass_dims`) split into classes an orthogonal map may mix.
+
+    Without per-dimension norms: one class (any orthogonal map). With them (``norms`` (d_head, n))
+    the dims whose norm weights are equal in every column form a class (only those commute with
+    ``diag(γ)``); None when the weights are unknown. Each class is an int64 tensor of head dims.
+    """
+    dims = pass_dims(group)
+    if not dims.numel():
+        return []
+    if not group.qk_shared:
+        return [dims]
+    if norms is None:
+        return None
+    n = norms.detach().cpu().double()[dims]
+    if n.shape[1] == 0:
+        return [dims]
+    _, label = torch.unique(n, dim=0, return_inverse=True)
+    return [dims[label == c] for c in range(int(label.max()) + 1)]
 
 
 def continuous_pairs(group: Group, norms: Norms) -> torch.Tensor | None:
@@ -82,11 +121,14 @@ def continuous_pairs(group: Group, norms: Norms) -> torch.Tensor | None:
 
 
 def pair_rotation(angles: torch.Tensor, group: Group) -> torch.Tensor:
-    """(..., d_head/2) angles -> (..., d_head, d_head) float64 block rotations on the RoPE pairs."""
+    """(..., r/2) angles -> (..., d_head, d_head) float64 block rotations on the RoPE pairs
+    (identity on the pass-through dims of partial rotary)."""
     pairs = rope_pairs(group).to(angles.device)
     d = group.d_head
     c, s = torch.cos(angles.double()), torch.sin(angles.double())
     r = torch.zeros(*angles.shape[:-1], d, d, dtype=torch.float64, device=angles.device)
+    rest = pass_dims(group).to(angles.device)
+    r[..., rest, rest] = 1.0
     i, j = pairs[:, 0], pairs[:, 1]
     r[..., i, i] = c
     r[..., j, j] = c
@@ -178,11 +220,18 @@ class AttentionSymmetry(SymmetryKind):
         if allowed == "orthogonal":
             out[f"{g}.qk_rot"] = haar_orthogonal(kv, d, generator)
         elif allowed == "rope-pairs":
-            angles = (torch.rand(kv, d // 2, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
+            npairs = rotary_dims(group) // 2
+            angles = (torch.rand(kv, npairs, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
             free = continuous_pairs(group, norms)
-            free = torch.zeros(d // 2, dtype=torch.bool) if free is None else free
-            signs = torch.randint(0, 2, (kv, d // 2), generator=generator).double() * math.pi
-            out[f"{g}.qk_rot"] = pair_rotation(torch.where(free, angles, signs), group)
+            free = torch.zeros(npairs, dtype=torch.bool) if free is None else free
+            signs = torch.randint(0, 2, (kv, npairs), generator=generator).double() * math.pi
+            rot = pair_rotation(torch.where(free, angles, signs), group)
+            classes = pass_classes(group, norms)
+            if classes is None:  # norm weights unknown: only sign flips surely commute with them
+                classes = [dim[None] for dim in pass_dims(group)]
+            for cls in classes:
+                rot[:, cls[:, None], cls[None, :]] = haar_orthogonal(kv, len(cls), generator)
+            out[f"{g}.qk_rot"] = rot
         return out
 
     def validate(self, group: Group, perms: Mapping[str, torch.Tensor], *, where: object = None,
@@ -238,10 +287,24 @@ class AttentionSymmetry(SymmetryKind):
         i, j = pairs[:, 0], pairs[:, 1]
         block = torch.zeros(want[-2:], dtype=torch.bool)
         block[i, i] = block[j, j] = block[i, j] = block[j, i] = True
+        rest = pass_dims(group)
+        block[rest[:, None], rest[None, :]] = True
         if _amax(r[:, ~block]) > STRUCT_TOL:
-            raise ArchitectureError("RoPE attention: the Q/K rotation may only rotate frequency pairs "
+            what = "frequency pairs" if not rest.numel() else (
+                f"frequency pairs inside the {rotary_dims(group)} rotary dims, and map the pass-through dims "
+                "among themselves")
+            raise ArchitectureError(f"RoPE attention: the Q/K rotation may only rotate {what} "
                                     f"({getattr(group, 'rope_layout', 'half')} layout); it mixes dims of different "
                                     "frequencies", file=where, tensor=key)
+        classes = pass_classes(group, norms)
+        if classes is not None and rest.numel():
+            same = torch.zeros(want[-2:], dtype=torch.bool)
+            for cls in classes:
+                same[cls[:, None], cls[None, :]] = True
+            if _amax(r[:, block & ~same & (torch.arange(want[-1]) >= rotary_dims(group))]) > STRUCT_TOL:
+                raise ArchitectureError("per-dimension Q/K norm: the pass-through map may only mix dims whose "
+                                        "norm weights are equal (no other map commutes with the norm)",
+                                        file=where, tensor=key)
         if (_amax(r[:, i, i] - r[:, j, j]) > ORTHO_TOL
                 or _amax(r[:, i, j] + r[:, j, i]) > ORTHO_TOL):
             raise ArchitectureError("RoPE attention: each frequency pair must be rotated, not reflected "
@@ -335,10 +398,26 @@ class AttentionSymmetry(SymmetryKind):
                 vals.append(float(torch.linalg.matrix_norm(r - _eye_like(r)).mean()) / (2 * math.sqrt(r.shape[-1])))
         return sum(vals) / len(vals) if vals else 0.0
 
+    def rotated_blocks(self, group: Group, perms: Mapping[str, torch.Tensor]) -> int:
+        """KV-head slots whose ``qk_rot`` or ``vo_rot`` (each (n_kv_heads, d, d)) differs from I."""
+        moved = torch.zeros(group.n_kv_heads, dtype=torch.bool)
+        for part in ROT_PARTS:
+            r = perms.get(f"{group.name}.{part}")
+            if r is not None and r.numel():
+                r = r.detach().double().cpu()
+                moved |= (r - _eye_like(r)).abs().amax(dim=(-1, -2)) > STRUCT_TOL
+        return int(moved.sum())
+
+    def rotation_blocks(self, group: Group) -> int:
+        return group.n_kv_heads
+
     def describe(self, group: Group) -> dict[str, Any]:
         allowed = self.rotations_allowed(group)
         qk = allowed["qk_rot"]
         if qk == "rope-pairs":
             layout = getattr(group, "rope_layout", "half")
             qk = f"rope-pairs ({layout})" + (", norm-restricted" if group.qk_shared else "")
+            if rotary_dims(group) < group.d_head:
+                qk += (f"; partial rotary: pairs on the first {rotary_dims(group)} of {group.d_head} dims, "
+                       "orthogonal on the rest")
         return {"qk_rot": qk, "vo_rot": allowed["vo_rot"]}

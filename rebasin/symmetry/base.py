@@ -14,8 +14,9 @@ invert              :meth:`invert` (``apply(apply(W, π), π⁻¹) == W``; bit f
 act on an axis      :meth:`gather_index` (the permutation part, an int64 gather index) and
                     :meth:`apply_axis` (gather, then any rotation of the kind)
 statistics          :meth:`moved`, :meth:`rotation`
-matcher step        plain: ``rebasin.matching.engine._update_plain``; attention:
-                    ``rebasin.matching.attention.update_attention``
+matcher step        ``rebasin.symmetry.ops.MATCHER_STEPS`` (kind -> step, the engine's only
+                    dispatch): plain ``rebasin.matching.engine.plain_step``, attention
+                    ``rebasin.matching.engine.attention_step``
 file entries        integer keys are stored int64, float keys (rotations) float64
                     (:mod:`rebasin.io.perms_file`)
 ==================  ===================================================================
@@ -108,6 +109,15 @@ class SymmetryKind:
     def rotation(self, group: Group, perms: Mapping[str, torch.Tensor]) -> float:
         """How far the rotations of the group are from the identity (0 when it has none)."""
         return 0.0
+
+    def rotated_blocks(self, group: Group, perms: Mapping[str, torch.Tensor]) -> int:
+        """How many blocks of the group (KV-head slots for attention) a non-identity rotation
+        maps (0 when the kind has no rotations)."""
+        return 0
+
+    def rotation_blocks(self, group: Group) -> int:
+        """How many blocks the kind's rotations act on per group (0 when it has none)."""
+        return 0
 
     def describe(self, group: Group) -> dict[str, Any]:
         """What the kind allows for this group (for ``rebasin inspect``)."""

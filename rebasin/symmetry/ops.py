@@ -1,7 +1,9 @@
 """Whole-spec operations: each loops over the groups and defers to the group's kind."""
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -13,6 +15,27 @@ from rebasin.symmetry.plain import PlainPermutation
 
 KINDS: dict[str, SymmetryKind] = {"plain": PlainPermutation(), "attention": AttentionSymmetry()}
 SYMMETRIES = ("perm", "full")  # what a job may use: permutations only, or every exact map implemented
+
+# The matcher step of each kind (docs/design.md, Matching), the one place the engine dispatches on a
+# group's kind. Written "module:function" and looked up on use: the matcher imports this package.
+# Every step is ``step(work, a, b, group, perms, *, solver, timer, proposals, rotations)`` and returns
+# ``(changed, gain in J)``; it may change only ``group``'s keys of ``perms``.
+MATCHER_STEPS: dict[str, str] = {
+    "plain": "rebasin.matching.engine:plain_step",
+    "attention": "rebasin.matching.engine:attention_step",
+}
+
+MatcherStep = Callable[..., tuple[bool, float]]
+
+
+def matcher_step(group: Group) -> MatcherStep:
+    """The matcher step of ``group``'s kind (:data:`MATCHER_STEPS`)."""
+    path = MATCHER_STEPS.get(group.kind)
+    if path is None:
+        raise RebasinError(f"no matcher step for symmetry kind '{group.kind}' (group {group.name})")
+    module, _, name = path.partition(":")
+    step: Any = getattr(importlib.import_module(module), name)
+    return step
 
 
 def kind_of(group: Group) -> SymmetryKind:
