@@ -11,9 +11,10 @@ with logits, normalised mean squared error of the output features for headless m
 D(0) is B's own divergence, so the chosen α never leaves the output further from the
 fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
 
-* ``auto``: D on a grid of α (extended upward while it still falls at the top), then
-  parabolic refinement (golden-section steps where a parabola is unusable) around the best
-  grid point.
+* ``auto``: D on the grid :data:`GRID`, then parabolic refinement (golden-section steps where
+  a parabola is unusable) around the best grid point. A minimum at the grid's top end is
+  reported, never extended: D still falling at α = 2 means the candidate imitates the fine-tune
+  by amplifying the task vector, not that the fine-tune carries over (see :func:`carries_over`).
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
   layers), fitted by Adam on the same D, regularised toward the global α; kept only if it
   also lowers D on held-out probes. Only the α's are fitted, never the weights.

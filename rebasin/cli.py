@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per synthetic probe (default 128; 64 for models of 100M parameters and more)")
     p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
                    "calibration's relative KL reduction over the new base is below X (e.g. 0.1)")
+    p.add_argument("--no-verdict", action="store_true",
+                   help="with a numeric --alpha: skip measuring its verdict (no model is loaded as a module; "
+                        "the plain arithmetic, as fast as the files can be read and written)")
     p.add_argument("--perms", help="reuse a permutations file instead of matching")
     _match_args(p)
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="output dtype (default: the new base's)")
@@ -323,8 +326,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                       perms=args.perms, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed,
                       device=args.device, dtype=args.dtype, probe_data=args.probe_data, probe_count=args.probe_count,
                       probe_length=args.probe_length, probe_seed=args.seed, require_gain=args.require_gain,
-                      check_alpha=True, overwrite=args.overwrite, verify=args.verify, dry_run=args.dry_run,
-                      progress=True, symmetries=args.symmetries)
+                      check_alpha=not args.no_verdict, overwrite=args.overwrite, verify=args.verify,
+                      dry_run=args.dry_run, progress=True, symmetries=args.symmetries)
     print(format_plan(result.report["plan"]) if args.dry_run else format_transfer(result.report, result.output))
     return 0
 
@@ -350,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_verdict", False) and isinstance(args.alpha, str):
+        parser.error("--no-verdict needs a numeric --alpha (auto and auto-layer are the calibration)")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

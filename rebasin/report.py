@@ -30,6 +30,9 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
              f"- new base (B): `{report['new_base']}`",
              f"- tensors: {tensor_counts(report['tensors'], report.get('adapter'))}",
              f"- task vector norm ‖A_ft − A‖: {report['task_vector_norm']:.6g}"]
+    if report.get("arithmetic"):
+        ar = report["arithmetic"]
+        lines.append(f"- arithmetic in {ar['dtype']}, rounded once to {', '.join(ar['output_dtypes']) or 'the output'}")
     if report.get("files_from_b"):
         lines.append(f"- files copied from B: {', '.join(f'`{f}`' for f in report['files_from_b'])}")
     if report.get("vocab"):
@@ -109,6 +112,8 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
     a rise from 0 to 0.013 looks as small as it is. Returns False when matplotlib is missing
     or there are no groups.
     """
+    if not groups:
+        return False
     try:
         import matplotlib
 

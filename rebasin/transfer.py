@@ -75,15 +75,27 @@ def check_alpha_value(alpha: float | str) -> float | str:
     return float(alpha)
 
 
-def same_lineage_line(match_report: dict[str, Any] | None, threshold: float = 0.01) -> str | None:
-    """"B continues A" when matching moved (almost) no unit: then diff and rebasin modes agree."""
+def same_lineage_line(match_report: dict[str, Any] | None, threshold: float = 0.01,
+                      reordered_cos: float = 0.8) -> str | None:
+    """What the match says about how B relates to A, or None when it says nothing clear.
+
+    "B continues A" when matching moved (almost) no unit: then diff and rebasin modes agree.
+    "B is A's lineage with its units re-ordered" when most units moved yet the matched units
+    are nearly parallel (size-weighted mean cosine ≥ ``reordered_cos``; independently trained
+    models stay far below it): rebasin mode is needed, diff mode adds τ in the wrong coordinates.
+    """
     if not match_report or not match_report.get("groups"):
         return None
-    groups = match_report["groups"]
-    moved = sum(g["moved"] * g["size"] for g in groups) / max(1, sum(g["size"] for g in groups))
-    if moved > threshold:
-        return None
-    return f"B continues A: matching returned the identity ({moved:.1%} of units moved); diff and rebasin agree"
+    groups = [g for g in match_report["groups"] if g["size"] > 1]
+    total = max(1, sum(g["size"] for g in groups))
+    moved = sum(g["moved"] * g["size"] for g in groups) / total
+    if moved <= threshold:
+        return f"B continues A: matching returned the identity ({moved:.1%} of units moved); diff and rebasin agree"
+    cos = sum(g["cos_after"] * g["size"] for g in groups) / total
+    if moved >= 0.5 and cos >= reordered_cos:
+        return (f"B is A's lineage with its units re-ordered ({moved:.0%} of units moved, matched units' cosine "
+                f"{cos:.2f}): use rebasin mode; diff mode would add the task vector in the wrong coordinates")
+    return None
 
 
 def _have_transformers() -> bool:
@@ -345,9 +357,10 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
                     if pi is not None:  # other axes move: gather them within the chunk
                         ra = permuted_rows(a.spec, name, ra, pi, 0, stop - start)
                         rf = permuted_rows(a.spec, name, rf, pi, 0, stop - start)
-                delta = rf.to(torch.float32, copy=True).sub_(ra.float())  # copy: never modify an input
+                delta = torch.sub(rf.float(), ra.float())  # out of place: inputs are never modified
                 sq_norm += _sq_sum(delta)
-                wide = tb.to(torch.float32, copy=True).add_(delta.mul_(alpha))  # B + α·δ, float32, in place
+                # B + α·δ in float32: (α·δ) rounded, then added (as the formula reads; no fused multiply-add)
+                wide = torch.add(tb.float(), delta if alpha == 1.0 else delta.mul_(alpha))
                 out = wide.to(dtype)
                 check_finite_chunk(out, [(tb, bk.where(name), name), (rf, fk.where(name), name),
                                          (ra, ak.where(name), name)], f"{name}: {overflow}", wide=wide)
@@ -365,8 +378,10 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
         raise IncompatibleInputsError("the fine-tune is identical to the old base: the task vector is empty",
                                       file=ft.path)
     files_from_b = copy_model_files(b.checkpoint.directory, tmp, produced=REPORT_FILES)
+    out_dtypes = sorted({str(item.dtype).removeprefix("torch.") for item in layout if item.dtype.is_floating_point})
     return {"tensors": {"changed": changed, "unchanged": unchanged, "copied_from_b": copied},
-            "files_from_b": files_from_b, "task_vector_norm": sq_norm ** 0.5}
+            "files_from_b": files_from_b, "task_vector_norm": sq_norm ** 0.5,
+            "arithmetic": {"dtype": "float32", "output_dtypes": out_dtypes}}
 
 
 def _sq_sum(x: torch.Tensor) -> float:
@@ -384,6 +399,7 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
     writer = CheckpointWriter(tmp, basename="adapter_model")
     sq_norm = 0.0
     n = 0
+    dtypes: set[str] = set()
     for name in tqdm(ckpt.keys(), desc="adapter", unit="tensor", disable=not progress):
         t = ckpt.get(name, check_finite=True)
         site, which = lora_site(name, a.spec, fan, where=ckpt.path)
@@ -397,6 +413,7 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
         if which == "B" and alpha != 1.0:
             t = (t.float() * alpha).to(t.dtype)
         writer.add(name, t)
+        dtypes.add(str(t.dtype).removeprefix("torch."))
         n += 1
     writer.close()
     if sq_norm == 0.0:
@@ -408,4 +425,4 @@ def _write_adapter(tmp: Path, ckpt, a: Model, b: Model, pi: dict[str, torch.Tens
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
         "tokenizer.model"))
     return {"tensors": {"changed": n, "unchanged": 0, "copied_from_b": 0}, "files_from_b": files_from_b,
-            "task_vector_norm": sq_norm ** 0.5}
+            "task_vector_norm": sq_norm ** 0.5, "arithmetic": {"dtype": "float32", "output_dtypes": sorted(dtypes)}}

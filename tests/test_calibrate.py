@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import CASES, save_like
 
-from rebasin.calibrate import block_of
+from rebasin.calibrate import block_of, calibrate
 from rebasin.cli import main
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, random_perms
@@ -57,6 +57,60 @@ def test_rebasin_mode_calibration_through_a_planted_permutation(planted, tmp_pat
     assert d["kl_chosen"] > 10 * c["kl_chosen"]
 
 
+def test_bfloat16_forwards_recover_the_planted_alpha(planted):
+    c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", perms=None, alpha="auto",
+                  probe_count=8, probe_length=16, dtype=torch.bfloat16)
+    assert c.dtype == "bfloat16"
+    assert abs(c.alpha - 0.5) < 0.05, c.curve
+    assert c.verdict == "carries over" and c.kl_chosen < 0.05 * c.kl_base
+
+
+def test_forward_dtype_policy(monkeypatch):
+    import rebasin.calibrate as cal
+
+    assert cal.forward_dtype(cal.BF16_MIN_PARAMS - 1) == torch.float32  # small: always float32
+    rates = {torch.float32: 1.0, torch.bfloat16: 5.0}
+    monkeypatch.setattr(cal, "gemm_rate", lambda device, dtype: rates[dtype])
+    assert cal.forward_dtype(cal.BF16_MIN_PARAMS) == torch.bfloat16
+    rates[torch.bfloat16] = 1.5  # bfloat16 without hardware support: slower than this threshold
+    assert cal.forward_dtype(cal.BF16_MIN_PARAMS) == torch.float32
+
+
+def test_kl_from_stored_probabilities_equals_the_direct_kl():
+    """Teacher keeps p and Σ p·log p; the divergence of a candidate must equal KL(p ‖ q) computed directly,
+    in float32 and when p is stored in bfloat16 (then against the rounded p)."""
+    from rebasin.calibrate import Teacher
+    from rebasin.probes import Probes
+
+    g = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(4, 6, 50, generator=g) * 3
+    student_logits = torch.randn(4, 6, 50, generator=g) * 3
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.logits = logits
+
+        def forward(self, input_ids):
+            from types import SimpleNamespace
+            return SimpleNamespace(logits=self.logits[input_ids[:, 0]])
+
+    probes = Probes({"input_ids": torch.arange(4).unsqueeze(1)}, "test")
+    for budget in (1 << 40, 0):
+        import rebasin.calibrate as cal
+        old, cal.LOGIT_BUDGET = cal.LOGIT_BUDGET, budget
+        try:
+            t = Teacher(Fixed(teacher_logits), probes, chunk=2)
+        finally:
+            cal.LOGIT_BUDGET = old
+        total = sum(float(t.divergence(i, Fixed(student_logits)(**t.inputs(sl)), sl)[0])
+                    for i, sl in enumerate(t.slices()))
+        p = torch.cat(t.targets).float()
+        direct = float((p * (torch.log_softmax(teacher_logits, -1) - torch.log_softmax(student_logits, -1))).sum())
+        assert total == pytest.approx(direct, rel=1e-4, abs=1e-4)
+
+
 def test_unrelated_base_gets_the_does_not_carry_over_verdict(planted, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
@@ -84,6 +138,12 @@ def test_require_gain_refuses_with_exit_7_and_writes_nothing(planted, tmp_path, 
 def test_same_lineage_is_detected(planted, tmp_path):
     r = transfer(planted / "A", planted / "Aft", planted / "B", tmp_path / "out", mode="rebasin", alpha=1.0)
     assert r.report["lineage"] and r.report["lineage"].startswith("B continues A")
+    # B re-released with its units re-ordered: not the identity, and rebasin is the mode to use
+    r = transfer(planted / "A", planted / "Aft", planted / "Bp", tmp_path / "outp", mode="rebasin", alpha=1.0)
+    assert r.report["lineage"] and r.report["lineage"].startswith("B is A's lineage with its units re-ordered")
+    # an independently initialised base: neither line
+    r = transfer(planted / "A", planted / "Aft", planted / "C", tmp_path / "outc", mode="rebasin", alpha=1.0)
+    assert r.report["lineage"] is None
 
 
 def test_numeric_alpha_is_checked_and_warned_when_worse_than_b(planted, tmp_path, capsys):
@@ -93,6 +153,18 @@ def test_numeric_alpha_is_checked_and_warned_when_worse_than_b(planted, tmp_path
                  "--probe-length", "16"]) == 0
     printed = capsys.readouterr().out
     assert "warning: α = 3 leaves the output further from the fine-tune than B" in printed
+
+
+def test_no_verdict_skips_calibration_and_writes_the_same_weights(planted, tmp_path, capsys):
+    outs = {}
+    for flag in ([], ["--no-verdict"]):
+        out = tmp_path / ("plain" if flag else "checked")
+        assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
+                     str(planted / "B"), "-o", str(out), "--mode", "diff", "--alpha", "1", "--probe-count", "4",
+                     "--probe-length", "8", *flag]) == 0
+        outs[bool(flag)] = (load_file(out / "model.safetensors"), json.loads((out / "report.json").read_text()))
+    assert outs[False][1]["calibration"] is not None and outs[True][1]["calibration"] is None
+    assert all(torch.equal(outs[False][0][k], v) for k, v in outs[True][0].items())
 
 
 def test_auto_layer_fits_only_alphas_and_reports_them(planted, tmp_path, monkeypatch):

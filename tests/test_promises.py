@@ -215,7 +215,7 @@ BAD_OPTIONS = [
     (["--max-sweeps", "0"], "must be >= 1"), (["--max-sweeps", "2.5"], "invalid"),
     (["--require-gain", "1.5"], "fraction"), (["--require-gain", "nan"], "finite"),
     (["--probe-count", "0"], "must be >= 1"), (["--mode", "sideways"], "invalid choice"),
-    (["--dtype", "float64"], "invalid choice"),
+    (["--dtype", "float64"], "invalid choice"), (["--no-verdict"], "--no-verdict needs a numeric --alpha"),
 ]
 
 

@@ -104,7 +104,7 @@ def match(source: Source, target: Source, *, family: str | None = None, config: 
           solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str | torch.device | None = "auto",
           dtype: torch.dtype | None = None, progress: bool = False, vocab: VocabMap | None = None,
           memory: float | None = None, cache: bool | None = None, symmetries: str = "full") -> MatchResult:
-    """Find π with ``apply(source, π) ≈ target`` (weight matching, DESIGN §3).
+    """Find π with ``apply(source, π) ≈ target`` (weight matching: docs/design.md, "Matching").
 
     Args:
         source, target: model directories / ``.safetensors`` files, :class:`Model`s,

@@ -7,7 +7,7 @@ permutations of the other axes, so that
 
     C_g += W_B_2d @ W_A_2d[:, col_index].T        (n × n)
 
-is the cost of DESIGN §3 without materialising a permuted copy of ``W_A``.
+is the matching cost (docs/design.md, "Matching") without materialising a permuted copy of ``W_A``.
 """
 from __future__ import annotations
 

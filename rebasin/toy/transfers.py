@@ -22,24 +22,28 @@ NEAR_B = 0.10  # |fraction| under which a transfer counts as "≈ B"
 
 @dataclass(frozen=True)
 class Method:
-    """One way to move the fine-tune: ``mode`` and ``alpha`` exactly as :func:`rebasin.transfer.transfer` takes them."""
+    """One way to move the fine-tune: ``mode``, ``alpha`` and ``symmetries`` exactly as
+    :func:`rebasin.transfer.transfer` takes them."""
 
     mode: str
     alpha: float | str
+    symmetries: str = "full"
 
     @property
     def name(self) -> str:
         a = self.alpha if isinstance(self.alpha, str) else f"α={self.alpha:g}"
-        return f"{self.mode} {a}"
+        return f"{self.mode} {a}" + (" (perm only)" if self.symmetries == "perm" else "")
 
     @property
     def slug(self) -> str:
-        return f"{self.mode}-{self.alpha if isinstance(self.alpha, str) else f'a{self.alpha:g}'}"
+        a = self.alpha if isinstance(self.alpha, str) else f"a{self.alpha:g}"
+        return f"{self.mode}-{a}" + ("-perm" if self.symmetries == "perm" else "")
 
 
 FIXED = (Method("diff", 1.0), Method("rebasin", 1.0))
 AUTO = (Method("diff", "auto"), Method("rebasin", "auto"))
 LAYER = (Method("diff", "auto-layer"), Method("rebasin", "auto-layer"))
+PERM_ONLY = (Method("rebasin", 1.0, "perm"), Method("rebasin", "auto", "perm"))  # --symmetries perm
 
 
 @dataclass
@@ -48,8 +52,9 @@ class KindResult:
 
     ``base`` and ``upper`` are B's and B_ft's metrics (``{"sub", "general"}``); ``rows`` one dict
     per method (keys: method, mode, alpha_requested, alpha, alphas, metrics, recovered, cost,
-    calibration, lineage, seconds, path, error); ``merges`` B's-task metric of ½(A + B) and
-    ½(π(A) + B).
+    calibration, lineage, seconds, path, error; ``match``: objective, identity objective and the
+    size-weighted mean cosine of matched units, on the row that ran the match for its symmetries);
+    ``merges`` B's-task metric of ½(A + B) and ½(π(A) + B).
     """
 
     kind: str
@@ -104,6 +109,7 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
 
     b, b_ft = ps.B[kind], ps.B_ft[kind]
     res = KindResult(kind, ev(b), ev(b_ft))
+    perms_by: dict[str, Path] = {}  # π per symmetries setting, from the first rebasin transfer that matched
     order = sorted(methods, key=lambda m: (m.mode != "rebasin", not isinstance(m.alpha, float), m.alpha != 1.0))
     for m in order:
         dest = out / f"{kind}-{m.slug}"
@@ -113,7 +119,8 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
         t0 = time.perf_counter()
         try:
             t = transfer(ps.A, ps.A_ft, b, dest, mode=m.mode, alpha=m.alpha, overwrite=True, progress=progress,
-                         perms=res.perms if m.mode == "rebasin" else None, **(options or {}))
+                         perms=perms_by.get(m.symmetries) if m.mode == "rebasin" else None,
+                         symmetries=m.symmetries, **(options or {}))
         except Exception as exc:  # a method that fails is a result too: it is reported, the others still run
             row.update(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
             res.rows.append(row)
@@ -121,9 +128,11 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
                 log(f"{kind}: {m.name} failed: {row['error']}")
             continue
         row["seconds"] = time.perf_counter() - t0
-        if m.mode == "rebasin" and res.perms is None:
-            res.perms = Path(t.output) / "permutations.safetensors"
-            res.match = t.report.get("match")
+        if m.mode == "rebasin" and m.symmetries not in perms_by:
+            perms_by[m.symmetries] = Path(t.output) / "permutations.safetensors"
+            row["match"] = match_summary(t.report.get("match"))
+            if m.symmetries == "full":
+                res.perms, res.match = perms_by["full"], t.report.get("match")
         cal = t.report.get("calibration")
         row.update(alpha=cal["alpha"] if cal else float(m.alpha), alphas=cal.get("alphas") if cal else None,
                    calibration=cal, lineage=t.report.get("lineage"))
@@ -141,6 +150,16 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
         task = toy_general(r)
         res.merges = {"plain": task(merge(r, ps.A, b)), "aligned": task(merge(r, ps.A, b, perms))}
     return res
+
+
+def match_summary(match: dict[str, Any] | None) -> dict[str, float] | None:
+    """Objective, identity objective and size-weighted mean cosine of matched units of a match report."""
+    if not match:
+        return None
+    groups = [g for g in match.get("groups", []) if g["size"] > 1]
+    total = max(1, sum(g["size"] for g in groups))
+    return {"objective": match["objective"], "objective_identity": match["objective_identity"],
+            "cos_after": sum(g["cos_after"] * g["size"] for g in groups) / total}
 
 
 def _cost(higher_is_better: bool, base: float, value: float) -> float:

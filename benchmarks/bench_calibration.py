@@ -1,0 +1,77 @@
+"""What α calibration costs next to the match, on a ~125M-parameter Llama-shaped pair.
+
+Checkpoints: :func:`benchmarks.bench_scale.build_checkpoints` (bf16, random init, cached):
+``A``; ``B = π0(A) + 1 % noise`` (a planted re-basin pair); ``A_ft = A + τ`` (τ 5 % of A's
+scale), so the best transfer is ``B + 1·π0(τ)``. Shape ``llama-125m``: 12 layers of d_model
+768, d_ff 2048, 12 heads / 4 KV heads, 32000-token vocabulary, untied (124.7 M parameters);
+``--quick``: ``llama-tiny`` (2 layers of 64).
+
+In one process, after importing transformers (timed on its own: a fresh ``rebasin transfer``
+pays it once): ``match(A, B)``, then ``calibrate(..., alpha="auto")`` with π from that match,
+with today's defaults (probe size by model size; bfloat16 forwards where this CPU's bfloat16
+GEMMs are fast) and with the previous defaults (32 × 128 probes, float32 forwards). Each record:
+wall seconds, the α found, evaluations, the forward dtype, probes, the verdict, and the ratio
+calibration / match. The planted pair is the match's easiest case (the row bound settles every
+solve); on independently trained pairs the match takes longer and the ratio is smaller.
+
+Reproduce: ``python -m benchmarks calibration`` (~3 min idle on 2 cores, plus ~1 min to build
+the checkpoints once).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench_scale import build_checkpoints
+
+SHAPES = {
+    "llama-125m": {"model_type": "llama", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "num_key_value_heads": 4, "intermediate_size": 2048, "vocab_size": 32000,
+                   "tie_word_embeddings": False, "max_position_embeddings": 2048},
+    "llama-tiny": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512,
+                   "tie_word_embeddings": False, "max_position_embeddings": 256},
+}
+
+
+def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
+    from rebasin.calibrate import calibrate
+
+    t0 = time.perf_counter()
+    c = calibrate(dirs["A"], dirs["Aft"], dirs["B"], "llama", perms=perms, alpha="auto", **options)
+    return {"calibrate_s": time.perf_counter() - t0, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
+            "dtype": c.dtype, "probes": f"{c.probes['count']} x {c.probes.get('length', '?')}",
+            "reduction": round(c.reduction, 4), "verdict": c.verdict}
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    from rebasin.hf import require_transformers
+    from rebasin.matching.api import match
+    from rebasin.model import open_model
+
+    cache = Path(os.environ.get("REBASIN_SCALE_CACHE", Path.home() / ".cache" / "rebasin" / "scale"))
+    name = "llama-tiny" if quick else "llama-125m"
+    dirs = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache)
+    t0 = time.perf_counter()
+    require_transformers("the calibration benchmark")
+    import_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = match(dirs["A"], dirs["B"], device=device)
+    match_s = time.perf_counter() - t0
+    params = open_model(dirs["A"]).checkpoint.numel()
+    records = []
+    for label, options in (("defaults", {}),
+                           ("previous defaults (32 x 128, float32)",
+                            {"probe_count": 32, "probe_length": 128, "dtype": torch.float32})):
+        rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),
+               "transformers_import_s": round(import_s, 2), **_calibrate(dirs, result.perms, **options),
+               "load1": round(os.getloadavg()[0], 2)}
+        rec["params"] = params
+        rec["calibrate_over_match"] = round(rec["calibrate_s"] / match_s, 3)
+        records.append(rec)
+        print(rec, flush=True)
+    return records
