@@ -12,7 +12,10 @@ re-ordered by a random symmetry, (c) an independent seed — and each seed of th
   task; the cost on B's task (transfer − B, positive = worse); whether the verdict was right
   ("carries over" → it recovered ≥ 10%; "does not carry over" → the output is ≈ B, |recovered|
   < 10%, and α = 1 of the same mode did not help either);
-- the weight-averaging check ½(A + B) vs ½(π(A) + B) on B's task.
+- the weight-averaging check ½(A + B) vs ½(π(A) + B) on B's task;
+- rebasin with permutations only (``--symmetries perm``) at α = 1 and "auto", beside the default
+  (``full``: permutations plus the exact rotations, V/O per head and RoPE frequency pairs), with
+  each match's objective and mean cosine of matched units.
 
 Records are aggregated over seeds (mean, sample standard deviation, per-seed values).
 ``python -m benchmarks quality [--quick] [--seeds N]``; writes ``results/quality-<device>.{json,md,png}``.
@@ -30,8 +33,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FAMILY_LABELS = {"llama": "Llama decoder (RoPE, GQA)", "bert": "BERT encoder (MLM)", "vit": "ViT (digits)"}
-METHOD_ORDER = ("B", "A_ft", "diff α=1", "rebasin α=1", "diff auto", "rebasin auto", "diff auto-layer",
-                "rebasin auto-layer", "B_ft", "merge ½(A+B)", "merge ½(π(A)+B)")
+METHOD_ORDER = ("B", "A_ft", "diff α=1", "rebasin α=1", "diff auto", "rebasin auto", "rebasin α=1 (perm only)",
+                "rebasin auto (perm only)", "diff auto-layer", "rebasin auto-layer", "B_ft", "merge ½(A+B)",
+                "merge ½(π(A)+B)")
 
 
 LAST_RUN: dict[str, Any] = {}  # wall time of the last run and what it trained, for the report
@@ -48,13 +52,13 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
     from rebasin.toy import FAMILIES, KINDS, build_pair_set, recipe
     from rebasin.toy.evaluate import evaluate
     from rebasin.toy.train import pick_threads
-    from rebasin.toy.transfers import AUTO, FIXED, LAYER, run_kind
+    from rebasin.toy.transfers import AUTO, FIXED, LAYER, PERM_ONLY, run_kind
 
     del device  # CPU study: the models are tiny
     torch.set_num_threads(pick_threads(2))
     _log(f"torch threads: {torch.get_num_threads()}")
     n_seeds = seeds if seeds is not None else (1 if quick else 2)
-    methods = FIXED + AUTO + (() if quick else LAYER)
+    methods = FIXED + AUTO + PERM_ONLY + (() if quick else LAYER)
     preset = "quick" if quick else "full"
     raw: list[dict[str, Any]] = []
     t_all = time.perf_counter()
@@ -90,6 +94,10 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
                                    alphas=row.get("alphas"), verdict=cal.get("verdict"),
                                    verdict_right=check.get("right"), kl_reduction=cal.get("reduction"),
                                    calib_s=cal.get("seconds"), transfer_s=row["seconds"])
+                        if row.get("match"):
+                            rec.update(match_objective=row["match"]["objective"],
+                                       match_objective_identity=row["match"]["objective_identity"],
+                                       match_cos=row["match"]["cos_after"])
                     raw.append(rec)
                 raw.append({**common, "method": "B_ft", **_values(res.upper, res.base), "recovered": 1.0})
                 for key, name in (("plain", "merge ½(A+B)"), ("aligned", "merge ½(π(A)+B)")):
@@ -122,7 +130,8 @@ def aggregate(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (family, kind, method), recs in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         agg: dict[str, Any] = {"family": family, "kind": kind, "method": method, "metric": recs[0].get("metric"),
                                "seeds": len(recs)}
-        for field in ("sub", "recovered", "general", "cost", "alpha", "kl_reduction", "calib_s", "transfer_s"):
+        for field in ("sub", "recovered", "general", "cost", "alpha", "kl_reduction", "calib_s", "transfer_s",
+                      "match_objective", "match_objective_identity", "match_cos"):
             vals = [r[field] for r in recs if r.get(field) is not None]
             if vals:
                 agg[field] = statistics.fmean(vals)
@@ -182,9 +191,11 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
              "(|gain| < 10%) while α = 1 of the same mode did not help either.", "",
              "## Gain recovered (mean over seeds)", "",
              "| family | kind | diff α=1 | rebasin α=1 | diff auto | rebasin auto | diff auto-layer | "
-             "rebasin auto-layer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "rebasin auto-layer | rebasin α=1, perm only | rebasin auto, perm only |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["family"], r["kind"], r["method"]): r for r in records}
-    methods = ("diff α=1", "rebasin α=1", "diff auto", "rebasin auto", "diff auto-layer", "rebasin auto-layer")
+    methods = ("diff α=1", "rebasin α=1", "diff auto", "rebasin auto", "diff auto-layer", "rebasin auto-layer",
+               "rebasin α=1 (perm only)", "rebasin auto (perm only)")
     for fam in FAMILIES:
         for kind in KINDS:
             if (fam, kind, "B") not in by:
@@ -194,6 +205,7 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 rec = by.get((fam, kind, m))
                 cells.append("" if rec is None else ("failed" if "error" in rec else _pm(rec, "recovered", ".0%")))
             lines.append(f"| {fam} | {KIND_LABELS[kind]} | " + " | ".join(cells) + " |")
+    lines += symmetries_section(by)
     lines += ["", "## Was the verdict right? (seeds where it held / seeds)", "",
               "| family | " + " | ".join(KIND_LABELS[k] for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]
     for fam in FAMILIES:
@@ -202,7 +214,7 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
         cells = []
         for kind in KINDS:
             parts = [f"{m.replace(' auto', '')}: {by[(fam, kind, m)]['verdict_right']}"
-                     for m in methods[2:] if "verdict_right" in by.get((fam, kind, m), {})]
+                     for m in methods[2:6] if "verdict_right" in by.get((fam, kind, m), {})]
             cells.append(", ".join(parts))
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     for fam in FAMILIES:
@@ -229,6 +241,32 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 f"{r['alpha']:.2f}" if "alpha" in r else "", r.get("verdict", ""), r.get("verdict_right", ""),
                 f"{r['calib_s']:.1f}" if "calib_s" in r else ""]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def symmetries_section(by: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
+    """Markdown: the match objective, matched units' cosine and the gain, permutations only vs full."""
+    from rebasin.toy import FAMILIES, KIND_LABELS, KINDS
+
+    lines = ["", "## Symmetries: permutations only vs full (permutations + V/O and RoPE-pair rotations)", "",
+             "Objective: the weight-matching objective Σ⟨W_B, π(W_A)⟩ the match reached (identity: before "
+             "matching); cosine: size-weighted mean cosine of matched units; gain: rebasin auto (α = 1 in "
+             "brackets). Means over seeds.", "",
+             "| family | kind | objective: identity | perm only | full | full vs perm | cosine perm → full "
+             "| gain perm only | gain full |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for fam in FAMILIES:
+        for kind in KINDS:
+            perm, full = by.get((fam, kind, "rebasin α=1 (perm only)")), by.get((fam, kind, "rebasin α=1"))
+            if not perm or not full or "match_objective" not in perm or "match_objective" not in full:
+                continue
+            rise = (full["match_objective"] - perm["match_objective"]) / abs(perm["match_objective"])
+            gains = []
+            for auto, one in (("rebasin auto (perm only)", perm), ("rebasin auto", full)):
+                a = by.get((fam, kind, auto), {})
+                gains.append(f"{_pm(a, 'recovered', '.0%')} ({_pm(one, 'recovered', '.0%')})")
+            lines.append(f"| {fam} | {KIND_LABELS[kind]} | {full['match_objective_identity']:.5g} | "
+                         f"{perm['match_objective']:.5g} | {full['match_objective']:.5g} | {rise:+.2%} | "
+                         f"{perm['match_cos']:.3f} → {full['match_cos']:.3f} | {gains[0]} | {gains[1]} |")
+    return lines
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> bool:

@@ -137,7 +137,7 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.0f}%"
+    return "—" if x is None else f"{round(100 * x)}%"  # an int: never "-0%"
 
 
 def _label(row: dict[str, Any]) -> str:

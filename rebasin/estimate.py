@@ -59,6 +59,7 @@ SOLVE_S_PER_ENTRY = 2.2e-8      # auto on a weak-signal n×n cost (independently
 
 
 def human(n: float) -> str:
+    """A byte count for people: ``1536`` → ``1.5 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

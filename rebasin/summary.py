@@ -3,16 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rebasin.estimate import human
 from rebasin.model import Model
 from rebasin.symmetry import kind_of
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def memory_estimate(model: Model, device: str = "cpu", world: int = 1) -> dict[str, Any]:
@@ -80,7 +73,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"family      {s['family']} (model_type={s['model_type']}, architectures={s['architectures']})",
         f"files       {', '.join(s['files'])}",
         f"tensors     {s['tensors']} ({s['permuted_tensors']} permuted, {s['invariant_tensors']} invariant)",
-        f"parameters  {s['parameters']:,} ({human_bytes(s['bytes'])}; dtypes {s['dtypes']})",
+        f"parameters  {s['parameters']:,} ({human(s['bytes'])}; dtypes {s['dtypes']})",
         f"groups      {s['n_groups']}",
     ]
     for name, g in s["groups"].items():
@@ -105,14 +98,14 @@ def format_summary(s: dict[str, Any]) -> str:
     m = s["memory"]
     lines += [
         "memory and time (predicted: peak RSS; time on this machine)",
-        f"  match (streaming)  {human_bytes(m['match']):>10}   ~{m['match_seconds']:.0f} s for 2 sweeps "
+        f"  match (streaming)  {human(m['match']):>10}   ~{m['match_seconds']:.0f} s for 2 sweeps "
         f"({m['match_seconds_per_sweep']:.0f} s per sweep, {m['match_tflop_per_sweep']:.2f} TFLOP)",
-        f"  match (cached)     {human_bytes(m['match_cached']):>10}   used when it fits the budget (--memory)",
-        f"  transfer (diff)    {human_bytes(m['transfer_diff']):>10}   ~{m['transfer_diff_seconds']:.0f} s",
-        f"  transfer (rebasin) {human_bytes(m['transfer_rebasin']):>10}   ~{m['transfer_rebasin_seconds']:.0f} s",
-        f"  apply              {human_bytes(m['apply']):>10}   ~{m['apply_seconds']:.0f} s",
-        f"  output on disk     {human_bytes(m['output_disk']):>10}",
-        f"  available now      {human_bytes(m['available']):>10}",
+        f"  match (cached)     {human(m['match_cached']):>10}   used when it fits the budget (--memory)",
+        f"  transfer (diff)    {human(m['transfer_diff']):>10}   ~{m['transfer_diff_seconds']:.0f} s",
+        f"  transfer (rebasin) {human(m['transfer_rebasin']):>10}   ~{m['transfer_rebasin_seconds']:.0f} s",
+        f"  apply              {human(m['apply']):>10}   ~{m['apply_seconds']:.0f} s",
+        f"  output on disk     {human(m['output_disk']):>10}",
+        f"  available now      {human(m['available']):>10}",
     ]
     over = [job for job in ("match", "transfer_diff", "transfer_rebasin", "apply") if m[job] > m["available"]]
     if over:

@@ -438,38 +438,17 @@ def test_independent_pair_full_beats_perm():
 
 
 # ---- partial rotary embeddings: pair rotations on the rotary dims, any orthogonal map on the rest ----
-# StableLM (transformers) rotates only the first int(d_head · partial_rotary_factor) dims of each head
-# (rotate_half pairs inside them); no shipped family has partial rotary, so the tests give it a family
-# file of its own: Llama's tensors plus LayerNorm biases, and ``rope_fraction`` read from the config.
-_STABLELM_PARTIAL = '''
-family = "stablelm_partial"
-model_types = ["stablelm"]
-inherits = "llama"
-
-[groups."layers.{L}.attn"]
-kind = "attention"
-n_heads = "n_heads"
-n_kv_heads = "n_kv_heads"
-d_head = "d_head"
-rope = true
-rope_fraction = "rope_parameters.partial_rotary_factor|partial_rotary_factor"
-
-[tensors]
-"(model.)?layers.{L}.input_layernorm.bias" = ["residual"]
-"(model.)?layers.{L}.post_attention_layernorm.bias" = ["residual"]
-"(model.)?norm.bias" = ["residual"]
-'''
+# StableLM rotates only the first int(d_head · partial_rotary_factor) dims of each head (rotate_half
+# pairs inside them): the shipped stablelm family reads ``rope_fraction`` from the config.
 
 
 def _partial_rotary(tmp_path, factor: float = 0.5):
     """A tiny StableLM (d_head 8, GQA 4/2, Q/K/V biases) rotating ``factor`` of each head, and
-    its spec from a family file written next to a copy of llama.toml."""
-    shutil.copy(FAMILIES_DIR / "llama.toml", tmp_path / "llama.toml")
-    (tmp_path / "stablelm_partial.toml").write_text(_STABLELM_PARTIAL)
+    its spec from the shipped stablelm family."""
     cfg = T.StableLmConfig(**DEC, use_qkv_bias=True, partial_rotary_factor=factor)
     model = _seeded(lambda: T.StableLmForCausalLM(cfg))()
     sd = dict(model.state_dict())
-    spec = FamilySpec.from_file(tmp_path / "stablelm_partial.toml").resolve(
+    spec = FamilySpec.from_file(FAMILIES_DIR / "stablelm.toml").resolve(
         model.config.to_dict(), {k: tuple(v.shape) for k, v in sd.items()})
     return model, sd, spec
 

@@ -81,6 +81,8 @@ CASES: dict[str, TinyCase] = {c.name: c for c in [
     TinyCase("llama", "llama", _seeded(lambda: T.LlamaForCausalLM(T.LlamaConfig(
         **DEC, attention_bias=True, mlp_bias=True))), _ids, "logits"),
     TinyCase("mistral", "mistral", _seeded(lambda: T.MistralForCausalLM(T.MistralConfig(**DEC))), _ids, "logits"),
+    TinyCase("stablelm", "stablelm", _seeded(lambda: T.StableLmForCausalLM(T.StableLmConfig(
+        **DEC, use_qkv_bias=True, partial_rotary_factor=0.5))), _ids, "logits"),
     TinyCase("qwen2", "qwen2", _seeded(lambda: T.Qwen2ForCausalLM(T.Qwen2Config(
         **DEC, tie_word_embeddings=True))), _ids, "logits"),
     TinyCase("qwen3", "qwen3", _seeded(lambda: T.Qwen3ForCausalLM(T.Qwen3Config(

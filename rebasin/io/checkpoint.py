@@ -37,18 +37,21 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def ensure_finite(tensor: torch.Tensor, file: object, name: str) -> torch.Tensor:
-    """Return ``tensor``; NonFiniteError naming ``file`` and ``name`` if it holds NaN/Inf.
-
-    The test is one float32 (float64) sum: NaN or Inf anywhere makes it non-finite; only then (or
-    when finite values overflow the sum) does the exact element-wise test run.
-    """
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN/Inf: one float32 (float64) sum — NaN or Inf anywhere makes it
+    non-finite — and the exact element-wise test only when the sum is not finite (which finite
+    values can also cause, by overflowing it)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
-        return tensor
+        return True
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     if math.isfinite(float(tensor.sum(dtype=wide))):
-        return tensor
-    if not bool(torch.isfinite(tensor).all()):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def ensure_finite(tensor: torch.Tensor, file: object, name: str) -> torch.Tensor:
+    """Return ``tensor``; NonFiniteError naming ``file`` and ``name`` if it holds NaN/Inf."""
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"contains {bad} NaN/Inf value(s)", file=file, tensor=name)
     return tensor

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from rebasin.distributed import Dist, Ownership, plan_ownership
 from rebasin.errors import NonFiniteError
+from rebasin.io.checkpoint import all_finite
 from rebasin.matching.attention import collect_blocks, current, score, update_attention
 from rebasin.matching.store import (
     LazyState,
@@ -199,7 +200,7 @@ def plain_cost(work: Work, group: str, perms: Mapping[str, torch.Tensor], names:
         del tb, ta
     if work.dist.active and work.own.group_owner.get(group) is None:
         work.dist.all_reduce(out)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         work.store.culprit([t.name for t in terms])
         raise NonFiniteError(f"cost matrix of group '{group}' has NaN/Inf (non-finite weights?)")
     return out
