@@ -15,7 +15,7 @@ For each B the fine-tune is moved through the public API (:func:`rebasin.transfe
 diff ``B + α(A_ft − A)`` and rebasin ``B + α·π(A_ft − A)``, at α = 1 and at the data-free
 calibrated α ("auto", with its verdict), and every model is evaluated on held-out code (the
 fine-tune's task) and prose (B's own task). An aligned-merge check evaluates ½(A + B) and
-½(π(A) + B) on prose. The first run trains the models (about two minutes on two cores) into the
+½(π(A) + B) on prose. The first run trains the models (about 1.5 minutes on two idle cores) into the
 cache (``--cache``, else ``$REBASIN_CACHE/toy``, else ``~/.cache/rebasin/toy``); later runs reuse
 them. The output folder gets ``results.json``, ``results.md``, ``results.png`` and the written
 models under ``transfers/``. Every number is measured by the run that prints it.

@@ -42,6 +42,8 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
     if report.get("verify"):
         lines.append(f"- verify: max |π(A)(x) − A(x)| = {report['verify']['max_abs_diff']:.3g} on random inputs")
     c = report.get("calibration")
+    if not c and report.get("verdict_skipped"):
+        lines.append(f"- verdict: not measured ({report['verdict_skipped']}); α = {report['alpha']:g} as given")
     if c:
         name = "KL" if c["divergence"] == "kl" else "NMSE"
         lines += ["", "## Calibration and verdict", "", f"**{c['line']}**", "",

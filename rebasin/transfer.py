@@ -273,7 +273,11 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     out_dtype = DTYPES.get(dtype)
     alpha_of = calibration.alpha_of if calibration is not None else (lambda _name: float(alpha))
     report: dict[str, Any] = {"mode": mode, "alpha": alpha_of(""), "alpha_requested": alpha,
-                              "calibration": calibration.to_dict() if calibration else None, "lineage": lineage,
+                              "calibration": calibration.to_dict() if calibration else None,
+                              "verdict_skipped": None if calibration else (
+                                  "--no-verdict" if not check_alpha else "the inputs are bare .safetensors files"
+                                  if bare is not None else "transformers is not installed"),
+                              "lineage": lineage,
                               "family": a.family, "old_base": str(a.path),
                               "finetuned": str(finetuned), "new_base": str(b.path), "adapter": adapter,
                               "vocab": vocab.summary() if vocab else None, "verify": verify_report,

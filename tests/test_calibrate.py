@@ -164,6 +164,9 @@ def test_no_verdict_skips_calibration_and_writes_the_same_weights(planted, tmp_p
                      "--probe-length", "8", *flag]) == 0
         outs[bool(flag)] = (load_file(out / "model.safetensors"), json.loads((out / "report.json").read_text()))
     assert outs[False][1]["calibration"] is not None and outs[True][1]["calibration"] is None
+    assert outs[True][1]["verdict_skipped"] == "--no-verdict" and outs[False][1]["verdict_skipped"] is None
+    assert "verdict: not measured (--no-verdict)" in (tmp_path / "plain" / "report.md").read_text()
+    assert "verdict: not measured (--no-verdict)" in capsys.readouterr().out
     assert all(torch.equal(outs[False][0][k], v) for k, v in outs[True][0].items())
 
 

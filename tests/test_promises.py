@@ -135,13 +135,13 @@ def test_full_disk_in_safetensors_exits_8(trio, tmp_path, capsys, monkeypatch):
     """safetensors reports a failed write as SafetensorError('I/O error: … (os error 28)'), not OSError."""
     from safetensors import SafetensorError
 
-    import rebasin.io.perms_file as perms_file
+    import rebasin.io.writer as writer
 
     def full(*_args, **_kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28) at path x")
 
     root = trio[0]
-    monkeypatch.setattr(perms_file, "save_file", full)
+    monkeypatch.setattr(writer, "save_file", full)
     out, report = tmp_path / "p.safetensors", tmp_path / "report.json"
     refused(["match", root / "A", root / "B", "-o", out, "--report", report], 8,
             ["No space left on device", "nothing was written"], [out, report], capsys)
@@ -224,6 +224,25 @@ def test_bad_option_values_exit_2_at_parse_time(trio, tmp_path, capsys, extra, w
     root = trio[0]
     out = tmp_path / "out"
     refused(_transfer(root, out, *extra), 2, [words], [out], capsys)
+
+
+@pytest.mark.parametrize("command", ["match", "transfer", "apply"])
+def test_memory_budget_option_refuses_exit_7_before_any_work(trio, tmp_path, capsys, command):
+    root = trio[0]
+    out = tmp_path / "out"
+    argv = {"match": ["match", root / "A", root / "B", "-o", out],
+            "transfer": _transfer(root, out, "--alpha", "1"),
+            "apply": ["apply", root / "A", "--perms", root / "p.safetensors", "-o", out]}[command]
+    refused([*argv, "--memory", "0.001"], 7, ["budget"], [out], capsys)
+
+
+def test_outputs_get_the_usual_file_mode(trio, tmp_path, capsys):
+    root = trio[0]
+    mask = os.umask(0)
+    os.umask(mask)
+    out = tmp_path / "p.safetensors"
+    assert run(["match", root / "A", root / "B", "-o", out], capsys)[0] == 0
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 @pytest.mark.parametrize("size", ["0", "-1", "nan", "inf", "big"])

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rebasin.errors import InputFileError
 from rebasin.io.checkpoint import read_header
+from rebasin.io.writer import save_safetensors
 
 FORMAT = "rebasin.permutations"
 FORMAT_VERSION = "2"  # the newest version written
@@ -45,7 +45,7 @@ def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], *, family: s
                 "source": str(source), "target": str(target), "convention": convention, **(extra or {})}
     tensors = {k: (v.to(torch.float64) if k.endswith(ROTATION_SUFFIXES) else v.to(torch.int64)).contiguous().cpu()
                for k, v in perms.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata=metadata)
 
 
 def load_perms(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

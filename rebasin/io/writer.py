@@ -104,6 +104,15 @@ def atomic_output_file(path: str | Path, write: Callable[[Path], object], *, ove
     atomic_output_files([(Path(path), write, overwrite)])
 
 
+def save_safetensors(tensors: dict, path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the file mode every other output gets (0666 less the
+    umask; save_file itself creates 0600 files)."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_output_files(files: Iterable[tuple[Path, Callable[[Path], object], bool]]) -> None:
     """Write several files all or nothing: each ``write(tmp_path)`` into a hidden sibling, then
     all renamed into place. ``files``: (path, write, overwrite). A failure removes every
@@ -205,7 +214,7 @@ class CheckpointWriter:
             return
         path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
         try:
-            save_file(self._pending, str(path), metadata=self.metadata)
+            save_safetensors(self._pending, path, metadata=self.metadata)
         except Exception as exc:
             err = as_os_error(exc)
             if err is None:
