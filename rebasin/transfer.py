@@ -129,8 +129,7 @@ def memory_plan(a: Model, b: Model, mode: str, adapter: bool, perms_file: str | 
                   f"{human(est.cached)}, streaming: {human(est.streaming)}); ~{est.seconds_first_sweep:.0f} s per sweep"
                   + (f" on {world} ranks" if world > 1 else ""))
     fits = peak <= budget
-    line = (f"{human(peak)} predicted ({detail}); budget {human(budget)} ({how})"
-            + ("" if fits else " — exceeds the budget: the run would be refused (exit 7)"))
+    line = f"{human(peak)} predicted ({detail}); budget {human(budget)} ({how})"
     return {"peak_bytes": peak, "budget_bytes": budget, "budget_from": how, "memory_mode": mem_mode, "fits": fits,
             "seconds": seconds, "line": line}
 
@@ -153,7 +152,8 @@ def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: 
         "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, A and B as modules)"
                   if isinstance(alpha, str) else f"{alpha:g}"),
         "files": files,
-        "peak_memory": mem["line"],
+        "peak_memory": mem["line"] + ("" if mem["fits"] else " — exceeds the budget: the run would be refused "
+                                                            "(exit 7)"),
         "memory_mode": mem["memory_mode"],
         "time": f"~{mem['seconds']:.0f} s predicted (2 sweeps of matching when it matches; calibration not included)",
         "memory": mem,
