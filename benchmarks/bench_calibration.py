@@ -8,13 +8,13 @@ Shape ``llama-125m``: 12 layers of d_model 768, d_ff 2048, 12 heads / 4 KV heads
 vocabulary, untied (124.7 M parameters); ``--quick``: ``llama-tiny`` (2 layers of 64).
 
 In one process, after importing transformers (timed on its own — 0 when building the checkpoints
-already imported it; a fresh ``rebasin transfer`` pays it once): ``match(A, B)``, then ``calibrate(..., alpha="auto")`` with π from that match,
-with today's defaults (probe size by model size; bfloat16 forwards where this CPU's bfloat16
-GEMMs are fast) and with the previous defaults (32 × 128 probes, float32 forwards); then the
-same match and calibration (today's defaults) onto ``B'``. Each record:
-wall seconds, the α found, evaluations, the forward dtype, probes, the verdict, and the ratio
-calibration / match. The planted pair is the match's easiest case (the row bound settles every
-solve); on independently trained pairs the match takes longer and the ratio is smaller.
+already imported it; a fresh ``rebasin transfer`` pays it once): ``match(A, B)``, then
+``calibrate(..., alpha="auto")`` with π from that match, with today's defaults (probe size by
+model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are fast) and with the previous
+defaults (32 × 128 probes, float32 forwards); then the same match and calibration (today's
+defaults) onto ``B'``. Each record: wall seconds, the α found, evaluations, the forward dtype,
+probes, the verdict, and the ratio calibration / match. The planted pair is the match's easiest
+case (the row bound settles every solve); onto ``B'`` the match takes more sweeps.
 
 Reproduce: ``python -m benchmarks calibration`` (~3 min idle on 2 cores, plus ~1 min to build
 the checkpoints once).
