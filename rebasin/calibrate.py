@@ -202,7 +202,7 @@ class Teacher:
         self.kind = "kl"
         with torch.no_grad():
             for sl in self.slices():
-                out = model(**cast_inputs(self.probes.batch(sl).inputs, model))
+                out = model(**cast_inputs(self.probes.batch(sl).inputs, self.dtype))
                 has_logits = getattr(out, "logits", None) is not None or getattr(out, "logits_per_image", None) \
                     is not None
                 self.kind = "kl" if has_logits else "nmse"
@@ -233,7 +233,7 @@ class Teacher:
 
     def inputs(self, sl: slice) -> dict[str, torch.Tensor]:
         """The candidate's inputs for slice ``sl`` (floating inputs in the fine-tune's dtype, the candidate's too)."""
-        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in self.student.batch(sl).inputs.items()}
+        return cast_inputs(self.student.batch(sl).inputs, self.dtype)
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
         """(sum of per-position divergences, number of positions) of chunk ``i``."""

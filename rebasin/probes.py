@@ -64,9 +64,8 @@ class Probes:
         return {"kind": self.kind, "count": len(self), "shapes": shapes, **self.meta}
 
 
-def cast_inputs(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``inputs`` with their floating tensors (pixels, features) in ``model``'s parameter dtype."""
-    dtype = next(model.parameters()).dtype
+def cast_inputs(inputs: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``inputs`` with their floating tensors (pixels, features) in ``dtype`` (a model's parameter dtype)."""
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from rebasin.errors import NonFiniteError
+from rebasin.io.checkpoint import all_finite, ensure_finite
 from rebasin.permutation import axis_index, has_rotation
 from rebasin.specs import Spec
 from rebasin.symmetry import rotated_rows
@@ -100,10 +101,8 @@ def check_finite_chunk(chunk: torch.Tensor, inputs: list[tuple[torch.Tensor, obj
             fits = float(wide.abs().amax()) <= torch.finfo(chunk.dtype).max
         if fits:
             return
-    if bool(torch.isfinite(chunk).all()):
+    if all_finite(chunk):
         return
     for tensor, file, name in inputs:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise NonFiniteError(f"contains {bad} NaN/Inf value(s)", file=file, tensor=name)
+        ensure_finite(tensor, file, name)
     raise NonFiniteError(what)

@@ -75,6 +75,15 @@ def check_alpha_value(alpha: float | str) -> float | str:
     return float(alpha)
 
 
+def unit_means(match_report: dict[str, Any]) -> tuple[float, float]:
+    """(fraction of units moved, mean cosine of matched units) of a match report, weighted by group size
+    over the groups that can move (size > 1)."""
+    groups = [g for g in match_report.get("groups", []) if g["size"] > 1]
+    total = max(1, sum(g["size"] for g in groups))
+    return (sum(g["moved"] * g["size"] for g in groups) / total,
+            sum(g["cos_after"] * g["size"] for g in groups) / total)
+
+
 def same_lineage_line(match_report: dict[str, Any] | None, threshold: float = 0.01,
                       reordered_cos: float = 0.8) -> str | None:
     """What the match says about how B relates to A, or None when it says nothing clear.
@@ -86,12 +95,9 @@ def same_lineage_line(match_report: dict[str, Any] | None, threshold: float = 0.
     """
     if not match_report or not match_report.get("groups"):
         return None
-    groups = [g for g in match_report["groups"] if g["size"] > 1]
-    total = max(1, sum(g["size"] for g in groups))
-    moved = sum(g["moved"] * g["size"] for g in groups) / total
+    moved, cos = unit_means(match_report)
     if moved <= threshold:
         return f"B continues A: matching returned the identity ({moved:.1%} of units moved); diff and rebasin agree"
-    cos = sum(g["cos_after"] * g["size"] for g in groups) / total
     if moved >= 0.5 and cos >= reordered_cos:
         return (f"B is A's lineage with its units re-ordered ({moved:.0%} of units moved, matched units' cosine "
                 f"{cos:.2f}): use rebasin mode; diff mode would add the task vector in the wrong coordinates")
@@ -270,13 +276,15 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
         diff = verify_symmetry(a.checkpoint.directory, a.spec, pi or identity(a.spec), seed=seed)
         verify_report = {"max_abs_diff": diff}
 
+    skipped = None  # why a numeric α's verdict was not measured
+    if calibration is None:
+        skipped = ("--no-verdict" if not check_alpha else "the inputs are bare .safetensors files" if bare is not None
+                   else "transformers is not installed")
     out_dtype = DTYPES.get(dtype)
     alpha_of = calibration.alpha_of if calibration is not None else (lambda _name: float(alpha))
     report: dict[str, Any] = {"mode": mode, "alpha": alpha_of(""), "alpha_requested": alpha,
                               "calibration": calibration.to_dict() if calibration else None,
-                              "verdict_skipped": None if calibration else (
-                                  "--no-verdict" if not check_alpha else "the inputs are bare .safetensors files"
-                                  if bare is not None else "transformers is not installed"),
+                              "verdict_skipped": skipped,
                               "lineage": lineage,
                               "family": a.family, "old_base": str(a.path),
                               "finetuned": str(finetuned), "new_base": str(b.path), "adapter": adapter,

@@ -154,12 +154,12 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
 
 def match_summary(match: dict[str, Any] | None) -> dict[str, float] | None:
     """Objective, identity objective and size-weighted mean cosine of matched units of a match report."""
+    from rebasin.transfer import unit_means
+
     if not match:
         return None
-    groups = [g for g in match.get("groups", []) if g["size"] > 1]
-    total = max(1, sum(g["size"] for g in groups))
     return {"objective": match["objective"], "objective_identity": match["objective_identity"],
-            "cos_after": sum(g["cos_after"] * g["size"] for g in groups) / total}
+            "cos_after": unit_means(match)[1]}
 
 
 def _cost(higher_is_better: bool, base: float, value: float) -> float:
