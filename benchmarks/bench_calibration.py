@@ -16,8 +16,12 @@ defaults) onto ``B'``. Each record: wall seconds, the α found, evaluations, the
 probes, the verdict, and the ratio calibration / match. The planted pair is the match's easiest
 case (the row bound settles every solve); onto ``B'`` the match takes more sweeps.
 
-Reproduce: ``python -m benchmarks calibration`` (~3 min idle on 2 cores, plus ~1 min to build
-the checkpoints once).
+Then the same match and calibration (defaults) on the scale benchmark's planted Qwen2-0.5B-shaped
+pair (494M parameters, 151936-token vocabulary; ``--quick``: its tiny Qwen2): how the fraction
+moves with size.
+
+Reproduce: ``python -m benchmarks calibration`` (~4 min idle on 2 cores, plus a few minutes to
+build the checkpoints once).
 """
 from __future__ import annotations
 
@@ -47,44 +51,60 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], **options:
     c = calibrate(dirs["A"], dirs["Aft"], dirs["B"], "llama", perms=perms, alpha="auto", **options)
     return {"calibrate_s": time.perf_counter() - t0, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
             "dtype": c.dtype, "probes": f"{c.probes['count']} x {c.probes.get('length', '?')}",
-            "reduction": round(c.reduction, 4), "verdict": c.verdict}
+            "reduction": round(c.reduction, 4), "verdict": c.verdict,
+            **{f"{k}_s": round(v, 2) for k, v in (c.phases or {}).items()}}
+
+
+def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str, import_s: float,
+             previous: bool) -> tuple[list[dict], dict[str, Path]]:
+    """Match the planted pair of ``name``, then calibrate with today's defaults (and the previous ones)."""
+    from rebasin.matching.api import match
+    from rebasin.model import open_model
+
+    dirs = build_checkpoints(name, arch, cfg, cache)
+    t0 = time.perf_counter()
+    result = match(dirs["A"], dirs["B"], device=device)
+    match_s = time.perf_counter() - t0
+    params = open_model(dirs["A"]).checkpoint.numel()
+    cases = [("defaults", {})]
+    if previous:
+        cases.append(("previous defaults (32 x 128, float32)",
+                      {"probe_count": 32, "probe_length": 128, "dtype": torch.float32}))
+    records = []
+    for label, options in cases:
+        rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),
+               "transformers_import_s": round(import_s, 2), **_calibrate(dirs, result.perms, **options),
+               "load1": round(os.getloadavg()[0], 2), "params": params}
+        rec["calibrate_over_match"] = round(rec["calibrate_s"] / match_s, 3)
+        records.append(rec)
+        print(rec, flush=True)
+    return records, dirs
 
 
 def run(quick: bool, device: str) -> list[dict]:
+    from benchmarks.bench_scale import configs
     from rebasin.hf import require_transformers
     from rebasin.matching.api import match
     from rebasin.model import open_model
 
     cache = Path(os.environ.get("REBASIN_SCALE_CACHE", Path.home() / ".cache" / "rebasin" / "scale"))
     name = "llama-tiny" if quick else "llama-125m"
-    dirs = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache)
-    independent = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache, seed=1)["A"]
     t0 = time.perf_counter()
     require_transformers("the calibration benchmark")
     import_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = match(dirs["A"], dirs["B"], device=device)
-    match_s = time.perf_counter() - t0
-    params = open_model(dirs["A"]).checkpoint.numel()
-    records = []
-    for label, options in (("defaults", {}),
-                           ("previous defaults (32 x 128, float32)",
-                            {"probe_count": 32, "probe_length": 128, "dtype": torch.float32})):
-        rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),
-               "transformers_import_s": round(import_s, 2), **_calibrate(dirs, result.perms, **options),
-               "load1": round(os.getloadavg()[0], 2)}
-        rec["params"] = params
-        rec["calibrate_over_match"] = round(rec["calibrate_s"] / match_s, 3)
-        records.append(rec)
-        print(rec, flush=True)
+    records, dirs = _planted(name, "LlamaForCausalLM", SHAPES[name], cache, device, import_s, previous=True)
+    independent = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache, seed=1)["A"]
     t0 = time.perf_counter()
     other = match(dirs["A"], independent, device=device)
     other_s = time.perf_counter() - t0
     rec = {"case": f"{name} calibrate onto an independent B', defaults", "model": name, "match_s": round(other_s, 2),
            "match_sweeps": other.sweeps, "transformers_import_s": round(import_s, 2),
            **_calibrate({**dirs, "B": independent}, other.perms), "load1": round(os.getloadavg()[0], 2),
-           "params": params}
+           "params": open_model(dirs["A"]).checkpoint.numel()}
     rec["calibrate_over_match"] = round(rec["calibrate_s"] / other_s, 3)
     records.append(rec)
     print(rec, flush=True)
+    for big, (arch, cfg) in configs(quick).items():  # the fraction at the next size up (scale benchmark's pair)
+        if big.startswith("qwen2"):
+            records += _planted(big, arch, cfg, cache, device, import_s, previous=False)[0]
     return records

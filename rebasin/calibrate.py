@@ -11,9 +11,11 @@ with logits, normalised mean squared error of the output features for headless m
 D(0) is B's own divergence, so the chosen α never leaves the output further from the
 fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
 
-* ``auto``: D on the grid :data:`GRID`, then parabolic refinement (golden-section steps where
-  a parabola is unusable) around the best grid point. A minimum at the grid's top end is
-  reported, never extended: D still falling at α = 2 means the candidate imitates the fine-tune
+* ``auto``: D at α = 0, ½, 1, then a bracket of the minimum inside [0, :data:`ALPHA_MAX`] (D(2)
+  when D still falls at 1, D(¼) when it rises from 0), then parabolic refinement to
+  :data:`REFINE_TOL` (golden-section steps where a parabola is unusable) — 4 to 8 forwards for
+  the smooth, single-dipped curves task vectors give. A minimum at α = :data:`ALPHA_MAX` is
+  reported, never extended: D still falling there means the candidate imitates the fine-tune
   by amplifying the task vector, not that the fine-tune carries over (see :func:`carries_over`).
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
   layers), fitted by Adam on the same D, regularised toward the global α; kept only if it
@@ -50,11 +52,12 @@ from rebasin.permutation import apply_to_state, random_perms
 from rebasin.probes import Probes, cast_inputs, make_probes
 from rebasin.vocab import VocabMap
 
-GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+ALPHA_MAX = 2.0
 PROBES_SMALL = (32, 128)  # synthetic probes (count, tokens each) by default
 PROBES_LARGE = (16, 64)  # ... for models of LARGE_PARAMS parameters and more (forwards cost ∝ parameters)
 LARGE_PARAMS = 100_000_000
 REFINE_STEPS = 5
+REFINE_TOL = 0.05  # α resolution of the refinement: D is flat to a fraction of a percent within it
 CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
 NULL_SHARE = 0.5  # ... of which at least this share must vanish under a random symmetry
 LAYER_STEPS = 150
@@ -100,11 +103,14 @@ class Calibration:
         reduction: ``1 − kl_chosen / kl_base``.
         kl_null, null_reduction: D and its reduction when the same task vector is moved by a random
             symmetry σ (``B + α·σ(π(τ))``): what the task vector's invariant parts and its size alone
-            buy. A transfer "carries over" only when most of the gain is lost under σ.
+            buy. A transfer "carries over" only when most of the gain is lost under σ. None when
+            the verdict is "does not carry over" without it (the null is then not evaluated).
         curve: ``[[α, D(α)], ...]`` sorted by α.
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
         dtype: the dtype of the probe forwards ("float32" or "bfloat16").
+        phases: seconds per phase: load (models, task vector), probes, teacher (the fine-tune's
+            targets), search (the α evaluations, and the per-layer fit), null.
     """
 
     alpha: float
@@ -115,8 +121,8 @@ class Calibration:
     kl_chosen: float
     kl_at_one: float | None
     reduction: float
-    kl_null: float
-    null_reduction: float
+    kl_null: float | None
+    null_reduction: float | None
     curve: list[list[float]]
     verdict: str
     line: str
@@ -124,6 +130,7 @@ class Calibration:
     layer_fit: dict[str, Any] | None
     seconds: float
     dtype: str = "float32"
+    phases: dict[str, float] | None = None
 
     def alpha_of(self, tensor: str) -> float:
         """The α a checkpoint (or module) tensor receives."""
@@ -151,6 +158,8 @@ class Candidate:
         module.to(dtype)
         self.delta = delta
         self.blocks = sorted({block_of(k) for k in delta})
+        rounded = [d.numel() for k, d in delta.items() if self.params[k].dtype != torch.float32]
+        self.scratch = torch.empty(max(rounded, default=0))  # the float32 sum before rounding, reused
 
     @torch.no_grad()
     def set(self, alpha: float | Mapping[str, float]) -> None:
@@ -160,7 +169,7 @@ class Candidate:
             if p.dtype == torch.float32:
                 p.copy_(self.base[k]).add_(d, alpha=a)
             else:
-                p.copy_(torch.add(self.base[k], d, alpha=a))
+                p.copy_(torch.add(self.base[k], d, alpha=a, out=self.scratch[:d.numel()].view(d.shape)))
 
     def functional(self, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters as differentiable functions of per-block α's ``(n_blocks,)``."""
@@ -265,6 +274,26 @@ def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, flo
     return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
 
 
+def _search(f: Any, curve: dict[float, float]) -> None:
+    """Evaluate ``f`` (D) at α = 0, ½, 1 and bracket its minimum in [0, ALPHA_MAX], then refine it."""
+    for a in (0.0, 0.5, 1.0):
+        f(a)
+    best = min(curve, key=curve.get)
+    if best == 1.0:
+        f(ALPHA_MAX)
+        if curve[ALPHA_MAX] < curve[1.0]:
+            f(0.5 * (1.0 + ALPHA_MAX))  # shows whether D turns before the top end
+    elif best == 0.0:
+        f(0.25)
+    _refine(f, curve, REFINE_STEPS, REFINE_TOL)
+
+
+def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
+    """The vertex of the parabola through three points (NaN when they are collinear)."""
+    den = (x1 - x0) * (f1 - f2) - (x1 - x2) * (f1 - f0)
+    return x1 - 0.5 * ((x1 - x0) ** 2 * (f1 - f2) - (x1 - x2) ** 2 * (f1 - f0)) / den if den != 0 else math.nan
+
+
 def _refine(f: Any, curve: dict[float, float], steps: int, tol: float = 0.01) -> None:
     """Refine the minimum of ``f`` bracketed by the evaluated points: parabolic steps through the
     best point and its neighbours, a golden-section step whenever the parabola is unusable."""
@@ -272,12 +301,16 @@ def _refine(f: Any, curve: dict[float, float], steps: int, tol: float = 0.01) ->
     for _ in range(steps):
         xs = sorted(curve)
         i = xs.index(min(curve, key=curve.get))
-        if i == 0 or i == len(xs) - 1:
-            return
+        if i == len(xs) - 1 or len(xs) < 3:
+            return  # a minimum at the top end is reported, never extended
+        if i == 0:  # at the lower bound: a dip between it and the next point, if the parabola shows one
+            x = _vertex(*xs[:3], *(curve[a] for a in xs[:3]))
+            if not xs[0] + tol / 2 < x < xs[1] - tol / 2:  # also NaN
+                return
+            f(x)
+            continue
         x0, x1, x2 = xs[i - 1], xs[i], xs[i + 1]
-        f0, f1, f2 = curve[x0], curve[x1], curve[x2]
-        den = (x1 - x0) * (f1 - f2) - (x1 - x2) * (f1 - f0)
-        x = x1 - 0.5 * ((x1 - x0) ** 2 * (f1 - f2) - (x1 - x2) ** 2 * (f1 - f0)) / den if den != 0 else math.nan
+        x = _vertex(x0, x1, x2, curve[x0], curve[x1], curve[x2])
         if abs(x - x1) < tol / 2:
             return  # the parabola's vertex is the best point: converged
         if not x0 + tol / 2 < x < x2 - tol / 2:  # also NaN
@@ -312,14 +345,14 @@ def carries_over(reduction: float, null_reduction: float, alpha: float) -> bool:
     means D keeps falling as the task vector is amplified: imitation by distortion, not transfer),
     and mostly specific to the aligned task vector: at least NULL_SHARE of it is lost when the same
     task vector is moved by a random symmetry instead."""
-    return (reduction >= CARRY_THRESHOLD and alpha < GRID[-1]
+    return (reduction >= CARRY_THRESHOLD and alpha < ALPHA_MAX
             and reduction - null_reduction >= NULL_SHARE * reduction)
 
 
-def _verdict(alpha: float, reduction: float, null_reduction: float, requested: str) -> tuple[str, str]:
+def _verdict(alpha: float, reduction: float, null_reduction: float | None, requested: str) -> tuple[str, str]:
     pct = f"KL −{reduction:.0%}" if reduction >= 0 else f"KL +{-reduction:.0%}"
-    null = f"; a randomly re-ordered task vector: KL −{null_reduction:.0%}" if null_reduction > 0 else ""
-    ok = carries_over(reduction, null_reduction, alpha if requested in ("auto", "auto-layer") else 0.0)
+    null = f"; a randomly re-ordered task vector: KL −{null_reduction:.0%}" if (null_reduction or 0) > 0 else ""
+    ok = carries_over(reduction, null_reduction or 0.0, alpha if requested in ("auto", "auto-layer") else 0.0)
     if requested not in ("auto", "auto-layer"):
         if reduction < 0:
             return ("does not carry over", f"warning: α = {alpha:g} leaves the output further from the fine-tune "
@@ -407,6 +440,10 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         dtype: the probe forwards' dtype; None: :func:`forward_dtype` of B's size.
     """
     t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        phases[phase] = round(time.perf_counter() - t0 - sum(phases.values()), 3)
     what = "--alpha auto"
     ft = _load_finetune(Path(finetuned), Path(old_base))
     b = load_hf_model(new_base, what=what)
@@ -419,31 +456,34 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     default_count, default_length = PROBES_LARGE if n_params >= LARGE_PARAMS else PROBES_SMALL
     probe_count, probe_length = probe_count or default_count, probe_length or default_length
     cand = Candidate(b, delta, dtype)
-    # sampling runs small batches, where float32 GEMMs are the fast ones
+    ft.to(dtype)
+    lap("load")
     probes = make_probes(ft, count=probe_count, length=probe_length, seed=seed, model_dir=Path(finetuned)
                          if (Path(finetuned) / "config.json").is_file() else Path(old_base), probe_data=probe_data)
-    ft.to(dtype)
+    lap("probes")
     per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
     vocab_size = getattr(ft.config, "vocab_size", None) or 1024
     # at least 4 chunks: auto-layer fits on minibatches and holds half of them out
     chunk = max(1, min(len(probes) // 4, (1 << 26) // max(1, per_seq * vocab_size)))
     teacher = Teacher(ft, probes, chunk, vocab, seed)
     del ft
+    lap("teacher")
     curve: dict[float, float] = {}
+
+    bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
 
     def f(a: float) -> float:
         if a not in curve:
+            bar.set_postfix(alpha=f"{a:.3g}")
             curve[a] = _evaluate(cand, teacher, a)
+            bar.update(1)
         return curve[a]
 
     requested = alpha if isinstance(alpha, str) else f"{alpha:g}"
-    points = list(GRID) if isinstance(alpha, str) else sorted({0.0, 1.0, float(alpha)})
-    for a in tqdm(points, desc="calibrate α", unit="α", disable=not progress, leave=False):
-        f(a)
     layer_fit = None
     alphas = None
     if isinstance(alpha, str):
-        _refine(f, curve, REFINE_STEPS)
+        _search(f, curve)
         chosen = min(curve, key=curve.get)
         kl_chosen = curve[chosen]
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
@@ -461,12 +501,19 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                 alphas = per_block
                 kl_chosen = _evaluate(cand, teacher, per_block)
     else:
+        for a in sorted({0.0, 1.0, float(alpha)}):
+            f(a)
         chosen = float(alpha)
         kl_chosen = curve[chosen]
     kl_base = curve[0.0]
     reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
-    kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
-    null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
+    bar.close()
+    lap("search")
+    kl_null = null_reduction = None
+    if carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
+        kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
+        null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
+    lap("null")
     verdict, line = _verdict(chosen, reduction, null_reduction, requested)
     if verdict == "does not carry over" and isinstance(alpha, str):
         chosen, alphas, kl_chosen, reduction = 0.0, None, kl_base, 0.0  # never worse than B
@@ -479,4 +526,5 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                        kl_null=kl_null, null_reduction=null_reduction,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
                        probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0,
+                       phases=phases,
                        dtype=str(dtype).removeprefix("torch."))

@@ -85,8 +85,26 @@ def _max_len(config: Any, wanted: int) -> int:
     return max(2, min(wanted, int(limit)))
 
 
+class _InverseCdfSampler:
+    """A ``generate`` logits processor that draws the next token itself (temperature 1, by inverting
+    the cumulative distribution with one seeded uniform per row) and leaves greedy search only that
+    token: ``torch.multinomial`` spends most of a small model's step drawing an exponential variate
+    per vocabulary entry."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum_(-1)  # (batch, vocab)
+        u = torch.rand((cdf.shape[0], 1), generator=self.generator).to(cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+
+
 def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -> Probes:
     """``count`` sequences of ``length`` tokens sampled from a causal LM at temperature 1."""
+    from transformers import LogitsProcessorList
+
     cfg = model.config
     length = _max_len(cfg, length)
     gen = torch.Generator().manual_seed(seed)
@@ -97,12 +115,11 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
     else:
         start = torch.randint(0, vocab, (count, 1), generator=gen)
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
-                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length - 1,
-                                 min_new_tokens=length - 1, pad_token_id=bos if isinstance(bos, int) else 0)
+    with torch.no_grad():
+        ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
+                             do_sample=False, logits_processor=LogitsProcessorList([_InverseCdfSampler(gen)]),
+                             max_new_tokens=length - 1, min_new_tokens=length - 1,
+                             pad_token_id=bos if isinstance(bos, int) else 0)
     return Probes({"input_ids": ids.cpu()}, "sampled", meta={"length": length, "temperature": 1.0, "seed": seed})
 
 

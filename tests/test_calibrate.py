@@ -196,3 +196,60 @@ def test_blocks_agree_between_checkpoint_and_module_names():
     assert block_of("vit.encoder.layer.3.output.dense.weight") == block_of("vit.layers.3.mlp.fc2.weight") == "vit.3"
     assert block_of("model.layers.12.mlp.up_proj.weight") == "model.12"
     assert block_of("lm_head.weight") == "lm_head"
+
+
+@pytest.mark.parametrize("best, width", [(0.8, 1.0), (0.35, 0.5), (0.12, 0.3), (1.3, 1.0), (0.0, 1.0)])
+def test_search_brackets_and_refines_the_minimum(best, width):
+    """Smooth single-dipped curves (what task vectors give): α* within the refinement tolerance, in few forwards."""
+    from rebasin.calibrate import REFINE_TOL, _search
+
+    curve: dict[float, float] = {}
+
+    def f(a: float) -> float:
+        curve.setdefault(a, 1.0 + ((a - best) / width) ** 2 + 0.1 * (a - best) ** 3)
+        return curve[a]
+
+    _search(f, curve)
+    found = min(curve, key=curve.get)
+    assert abs(found - best) <= REFINE_TOL, sorted(curve)
+    assert len(curve) <= 9, sorted(curve)
+
+
+def test_search_reports_a_minimum_at_the_top_end_without_extending():
+    from rebasin.calibrate import ALPHA_MAX, _search, carries_over
+
+    curve: dict[float, float] = {}
+
+    def f(a: float) -> float:
+        curve.setdefault(a, 1.0 - 0.3 * a)  # still falling at ALPHA_MAX: imitation by amplification
+        return curve[a]
+
+    _search(f, curve)
+    assert max(curve) == ALPHA_MAX and min(curve, key=curve.get) == ALPHA_MAX
+    assert not carries_over(0.6, 0.0, ALPHA_MAX) and carries_over(0.6, 0.0, ALPHA_MAX - 0.5)
+
+
+def test_the_sampler_draws_from_the_softmax():
+    """The inverse-CDF sampler used for probe sequences: exact temperature-1 sampling, seeded."""
+    from rebasin.probes import _InverseCdfSampler
+
+    scores = torch.tensor([[2.0, 0.0, -1.0, 1.0, -torch.inf]]).repeat(20000, 1)
+    picks = _InverseCdfSampler(torch.Generator().manual_seed(0))(None, scores).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).double() / len(picks)
+    p = torch.softmax(scores[0].double(), -1)
+    assert freq[4] == 0 and torch.allclose(freq, p, atol=0.012), (freq, p)
+    uniform = torch.full((5,), 0.2, dtype=torch.float64)
+    assert not torch.allclose(freq, uniform, atol=0.012)  # control: the check tells distributions apart
+    again = _InverseCdfSampler(torch.Generator().manual_seed(0))(None, scores).argmax(-1)
+    assert torch.equal(picks, again)
+
+
+def test_null_model_is_skipped_only_when_it_cannot_change_the_verdict(planted):
+    c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", perms=None, alpha="auto",
+                  probe_count=8, probe_length=16)
+    assert c.verdict == "carries over" and c.kl_null is not None and c.null_reduction < c.reduction
+    u = calibrate(planted / "A", planted / "Aft", planted / "C", "llama", perms=None, alpha="auto",
+                  probe_count=8, probe_length=16)
+    if u.reduction < 0.1:
+        assert u.kl_null is None and u.verdict == "does not carry over"
+    assert set(c.phases) == {"load", "probes", "teacher", "search", "null"}

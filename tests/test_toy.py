@@ -148,3 +148,16 @@ def test_merge(llama_pairs):
     perms = ps.planted
     torch.testing.assert_close(outputs(r, merge(r, ps.B["continued"], ps.B["permuted"], perms, weight=0.5)),
                                outputs(r, ps.B["permuted"]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "vit"])
+def test_replay_batches_mix_in_general_rows(family):
+    task = toy_task(recipe(family, "tiny"))
+    n = task.recipe.batch
+    mixed = task.batch("sub", torch.Generator().manual_seed(3), replay=0.5)
+    g = torch.Generator().manual_seed(3)
+    own, general = task._rows("sub", n - n // 2, g), task._rows("general", n // 2, g)
+    for k, v in mixed.items():
+        assert v.shape[0] == n and torch.equal(v, torch.cat([own[k], general[k]]))
+    plain = task.batch("sub", torch.Generator().manual_seed(3))
+    assert not torch.equal(plain[next(iter(plain))], mixed[next(iter(mixed))])

@@ -34,7 +34,10 @@ class Recipe:
 
     Steps are optimizer steps of ``batch`` sequences of ``seq`` characters (text) or ``batch``
     images (ViT). ``base_*`` trains A (and the independent B) from scratch, ``continue_*`` trains
-    A further into the same-lineage B, ``ft_*`` fine-tunes a base on the sub-task.
+    A further into the same-lineage B, ``ft_*`` fine-tunes a base on the sub-task; ``ft_replay``
+    of each fine-tune batch is general-task data (replay, as fine-tunes that must keep what the
+    base could do are trained), so the fine-tunes learn the sub-task without forgetting the
+    general one.
     """
 
     family: str
@@ -52,6 +55,7 @@ class Recipe:
     continue_lr: float = 1.5e-3
     ft_steps: int = 150
     ft_lr: float = 1e-3
+    ft_replay: float = 0.5
     weight_decay: float = 0.01
     warmup: float = 0.05
     mask_rate: float = 0.15
@@ -187,19 +191,28 @@ class ToyTask:
             self.corpus = stdlib_corpus(r.corpus_chars)
             self.digest = self.corpus.digest
 
-    def batch(self, task: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(self, task: str, generator: torch.Generator, replay: float = 0.0) -> dict[str, torch.Tensor]:
         """One training batch of ``task`` ("general" or "sub") drawn with ``generator``.
 
         Text: ``input_ids`` ``(batch, seq)`` (+ ``labels`` −100-masked for BERT). ViT:
-        ``pixel_values`` ``(batch, 1, 8, 8)`` and ``labels`` ``(batch,)``.
+        ``pixel_values`` ``(batch, 1, 8, 8)`` and ``labels`` ``(batch,)``. With ``replay`` > 0 the
+        last ``round(replay · batch)`` rows are drawn from the general task instead.
         """
+        n_general = round(replay * self.recipe.batch) if task != "general" else 0
+        if n_general == 0:
+            return self._rows(task, self.recipe.batch, generator)
+        own = self._rows(task, self.recipe.batch - n_general, generator)
+        general = self._rows("general", n_general, generator)
+        return {k: torch.cat([own[k], general[k]]) for k in own}
+
+    def _rows(self, task: str, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         r = self.recipe
         if r.family == "vit":
-            idx = torch.randint(0, len(self.digits.y_train), (r.batch,), generator=generator)
+            idx = torch.randint(0, len(self.digits.y_train), (n,), generator=generator)
             return {"pixel_values": self.digits.images(task, "train")[idx], "labels": self.digits.y_train[idx]}
         from rebasin.toy.text import mask_tokens, random_windows
 
-        ids = random_windows(self.corpus.stream(task, "train"), r.batch, r.seq, generator)
+        ids = random_windows(self.corpus.stream(task, "train"), n, r.seq, generator)
         if r.family == "bert":
             inputs, labels = mask_tokens(ids, r.mask_rate, generator)
             return {"input_ids": inputs, "labels": labels}

@@ -9,8 +9,9 @@ kind               new base B
 ``independent``    (c) another seed trained from scratch on the general task
 =================  ===========================================================================
 
-A_ft is A fine-tuned on the sub-task; B_ft is B fine-tuned the same way (same steps, learning
-rate and data order): the upper bound of a transfer. For (b), B_ft is π applied to (a)'s B_ft.
+A_ft is A fine-tuned on the sub-task with general-task replay (``Recipe.ft_replay``); B_ft is B
+fine-tuned the same way (same steps, learning rate, replay and data order): the upper bound of a
+transfer. For (b), B_ft is π applied to (a)'s B_ft.
 Seeds: A is initialised with ``seed``; the independent B with ``seed + 1000``; data orders use
 ``seed + 2000`` (continued training), ``seed + 3000`` (fine-tunes); π is drawn with ``seed + 4000``.
 """
@@ -118,19 +119,21 @@ class _Builder:
         return self.trained(name, chain, make, r.base_steps)
 
     def further(self, name: str, parent: tuple[Path, dict[str, Any]], stage: str, task: str, steps: int, lr: float,
-                data_seed: int, schedule: str) -> tuple[Path, dict[str, Any]]:
+                data_seed: int, schedule: str, replay: float = 0.0) -> tuple[Path, dict[str, Any]]:
         chain = {"stage": stage, "parent": parent[1], "data_seed": data_seed, "steps": steps, "lr": lr,
-                 "schedule": schedule}
+                 "schedule": schedule, **({"replay": replay} if replay else {})}
 
         def make(report: Callable[[int, float], None]) -> Any:
             model = load_model(self.r, parent[0])
-            train(model, self.task, task, steps=steps, lr=lr, seed=data_seed, schedule=schedule, progress=report)
+            train(model, self.task, task, steps=steps, lr=lr, seed=data_seed, schedule=schedule, replay=replay,
+                  progress=report)
             return model
         return self.trained(name, chain, make, steps)
 
     def finetune(self, name: str, parent: tuple[Path, dict[str, Any]], seed: int) -> tuple[Path, dict[str, Any]]:
         r = self.r
-        return self.further(name, parent, "finetune", "sub", r.ft_steps, r.ft_lr, seed + 3000, "constant")
+        return self.further(name, parent, "finetune", "sub", r.ft_steps, r.ft_lr, seed + 3000, "constant",
+                            r.ft_replay)
 
     def permuted(self, name: str, parent: tuple[Path, dict[str, Any]], perms: dict[str, torch.Tensor],
                  perm_seed: int) -> tuple[Path, dict[str, Any]]:

@@ -35,8 +35,11 @@ def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
 
 
 def train(model: Any, task: ToyTask, which: str, *, steps: int, lr: float, seed: int, schedule: str = "cosine",
-          weight_decay: float | None = None, progress: Callable[[int, float], None] | None = None) -> list[float]:
+          weight_decay: float | None = None, replay: float = 0.0,
+          progress: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``model`` in place for ``steps`` AdamW steps on ``which`` ("general"/"sub"); return the losses.
+
+    ``replay``: the fraction of each batch drawn from the general task (see :meth:`ToyTask.batch`).
 
     The batches come from a generator seeded with ``seed`` (the data order), so a run is
     reproducible given the model's initial weights. ``progress(step, loss)`` is called every step.
@@ -49,7 +52,7 @@ def train(model: Any, task: ToyTask, which: str, *, steps: int, lr: float, seed:
     model.train()
     losses: list[float] = []
     for step in range(steps):
-        loss = task.loss(model, task.batch(which, g))
+        loss = task.loss(model, task.batch(which, g, replay))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
