@@ -154,7 +154,9 @@ class Candidate:
                  dtype: torch.dtype = torch.float32) -> None:
         self.module = module
         self.params = dict(module.named_parameters())
-        self.base = {k: self.params[k].detach().float().clone() for k in delta}
+        # module.to(dtype) gives the parameters new storage, so B's float32 tensors can be kept as they are
+        self.base = {k: self.params[k].detach() if dtype != torch.float32 else self.params[k].detach().clone()
+                     for k in delta}
         module.to(dtype)
         self.delta = delta
         self.blocks = sorted({block_of(k) for k in delta})
@@ -381,10 +383,10 @@ def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, fami
 def task_delta(ft: torch.nn.Module, a_dir: Path, b_module: torch.nn.Module, family: str,
                perms: Mapping[str, torch.Tensor] | None, vocab: VocabMap | None) -> dict[str, torch.Tensor]:
     """π(A_ft − A) per module parameter, placed in B's shapes (module names)."""
-    a = load_hf_model(a_dir, what="--alpha auto")
+    a = load_hf_model(a_dir, what="--alpha auto")  # float32, and discarded: τ is formed in its storage
     a_state = dict(a.named_parameters())
     ft_state = dict(ft.named_parameters())
-    tau = {k: (ft_state[k].detach() - v.detach()).float() for k, v in a_state.items()
+    tau = {k: torch.sub(ft_state[k].detach(), v.detach(), out=v.detach()) for k, v in a_state.items()
            if k in ft_state and ft_state[k].shape == v.shape and v.is_floating_point()}
     del a, a_state
     if perms is not None:
