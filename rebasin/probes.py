@@ -103,7 +103,7 @@ class _InverseCdfSampler:
 
 def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -> Probes:
     """``count`` sequences of ``length`` tokens sampled from a causal LM at temperature 1."""
-    from transformers import LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList
 
     cfg = model.config
     length = _max_len(cfg, length)
@@ -115,11 +115,18 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
     else:
         start = torch.randint(0, vocab, (count, 1), generator=gen)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
-                             do_sample=False, logits_processor=LogitsProcessorList([_InverseCdfSampler(gen)]),
-                             max_new_tokens=length - 1, min_new_tokens=length - 1,
-                             pad_token_id=bos if isinstance(bos, int) else 0)
+    # the model's own generation defaults (repetition penalty, top-p, ...) would change the
+    # distribution sampled from, and generate() merges them into any config passed to it
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=getattr(saved, "eos_token_id", None))
+    try:
+        with torch.no_grad():
+            ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
+                                 do_sample=False, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                                 pad_token_id=bos if isinstance(bos, int) else 0,
+                                 logits_processor=LogitsProcessorList([_InverseCdfSampler(gen)]))
+    finally:
+        model.generation_config = saved
     return Probes({"input_ids": ids.cpu()}, "sampled", meta={"length": length, "temperature": 1.0, "seed": seed})
 
 

@@ -253,3 +253,20 @@ def test_null_model_is_skipped_only_when_it_cannot_change_the_verdict(planted):
     if u.reduction < 0.1:
         assert u.kl_null is None and u.verdict == "does not carry over"
     assert set(c.phases) == {"load", "probes", "teacher", "search", "null"}
+
+
+def test_sampled_probes_ignore_the_models_generation_defaults():
+    """Probes come from the fine-tune's own distribution: a repetition penalty or top-k in its
+    generation_config.json must not shape them (and the model keeps its config)."""
+    from transformers import GenerationConfig
+
+    model = CASES["llama"].build()
+    plain = make_probes(model, count=4, length=12, seed=3).inputs["input_ids"]
+    eos = model.generation_config.eos_token_id
+    custom = GenerationConfig(do_sample=True, temperature=0.5, top_k=3, repetition_penalty=5.0, eos_token_id=eos)
+    model.generation_config = custom
+    shaped = make_probes(model, count=4, length=12, seed=3).inputs["input_ids"]
+    assert torch.equal(plain, shaped) and model.generation_config is custom
+    out = model.generate(input_ids=plain[:, :1], attention_mask=torch.ones_like(plain[:, :1]), max_new_tokens=11,
+                         min_new_tokens=11, pad_token_id=0)
+    assert not torch.equal(out, plain)  # control: the defaults do change what generate() draws
