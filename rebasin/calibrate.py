@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 from rebasin.errors import RebasinError
 from rebasin.estimate import gemm_rate
 from rebasin.hf import load_hf_model, module_spec, primary_output
-from rebasin.permutation import apply_to_state, random_perms
+from rebasin.io.checkpoint import DTYPES, open_checkpoint
+from rebasin.permutation import permute_tensor, random_perms
 from rebasin.probes import Probes, cast_inputs, make_probes
 from rebasin.vocab import VocabMap
 
@@ -109,8 +110,8 @@ class Calibration:
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
         dtype: the dtype of the probe forwards ("float32" or "bfloat16").
-        phases: seconds per phase: load (models, task vector), probes, teacher (the fine-tune's
-            targets), search (the α evaluations, and the per-layer fit), null.
+        phases: seconds per phase: load (the fine-tune and the task vector), probes, teacher (the
+            fine-tune's targets), base (B), search (the α evaluations, and the per-layer fit), null.
     """
 
     alpha: float
@@ -146,37 +147,42 @@ class Candidate:
     """``B + α·δ`` as a live module: ``base`` and ``delta`` are keyed by the module's parameter names.
 
     ``delta`` holds π(τ) already placed in B's shapes (vocabulary rows mapped); parameters
-    without a delta stay B's. ``base`` and ``delta`` are float32; the module runs in ``dtype``
-    (its parameters are rounded from the float32 sum).
+    without a delta stay B's. ``base`` holds B's values as loaded (exact: float32, or the
+    checkpoint's own dtype); each parameter is set to the float32 sum ``base + α·δ`` rounded to
+    the module's ``dtype``.
     """
 
     def __init__(self, module: torch.nn.Module, delta: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.float32) -> None:
         self.module = module
         self.params = dict(module.named_parameters())
-        # module.to(dtype) gives the parameters new storage, so B's float32 tensors can be kept as they are
-        self.base = {k: self.params[k].detach() if dtype != torch.float32 else self.params[k].detach().clone()
+        # module.to(dtype) gives the parameters new storage when it changes their dtype; otherwise B's
+        # values must be copied before set() overwrites them
+        self.base = {k: self.params[k].detach() if self.params[k].dtype != dtype else self.params[k].detach().clone()
                      for k in delta}
         module.to(dtype)
         self.delta = delta
         self.blocks = sorted({block_of(k) for k in delta})
-        rounded = [d.numel() for k, d in delta.items() if self.params[k].dtype != torch.float32]
-        self.scratch = torch.empty(max(rounded, default=0))  # the float32 sum before rounding, reused
+        self.scratch = torch.empty(max((d.numel() for d in delta.values()), default=0))  # float32 sums, reused
 
     @torch.no_grad()
-    def set(self, alpha: float | Mapping[str, float]) -> None:
+    def set(self, alpha: float | Mapping[str, float],
+            transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Parameters ← ``base + α·δ`` (``transform(name, δ)`` in place of δ when given, tensor by tensor)."""
         for k, d in self.delta.items():
             a = float(alpha if isinstance(alpha, (int, float)) else alpha.get(block_of(k), 0.0))
+            if transform is not None:
+                d = transform(k, d)
             p = self.params[k]
-            if p.dtype == torch.float32:
+            if p.dtype == torch.float32 and self.base[k].dtype == torch.float32:
                 p.copy_(self.base[k]).add_(d, alpha=a)
             else:
-                p.copy_(torch.add(self.base[k], d, alpha=a, out=self.scratch[:d.numel()].view(d.shape)))
+                p.copy_(self.scratch[:d.numel()].view(d.shape).copy_(self.base[k]).add_(d, alpha=a))
 
     def functional(self, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters as differentiable functions of per-block α's ``(n_blocks,)``."""
         index = {b: i for i, b in enumerate(self.blocks)}
-        return {k: (self.base[k] + alphas[index[block_of(k)]] * d).to(self.params[k].dtype)
+        return {k: (self.base[k].float() + alphas[index[block_of(k)]] * d.float()).to(self.params[k].dtype)
                 for k, d in self.delta.items()}
 
 
@@ -263,8 +269,9 @@ class Teacher:
 
 
 def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
-              slices: list[int] | None = None) -> float:
-    cand.set(alpha)
+              slices: list[int] | None = None,
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> float:
+    cand.set(alpha, transform)
     total, count = 0.0, 0
     chosen = slices if slices is not None else range(len(teacher.targets))
     all_slices = teacher.slices()
@@ -369,28 +376,58 @@ def _verdict(alpha: float, reduction: float, null_reduction: float | None, reque
 
 def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
                      alpha: float | Mapping[str, float], seed: int) -> float:
-    """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict)."""
+    """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict);
+    σ(δ) is formed tensor by tensor as the candidate is set, never as a second copy of δ."""
     spec = module_spec(b, family)
     sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
-    saved = cand.delta
-    cand.delta = apply_to_state(spec, sigma, saved)
-    try:
-        return _evaluate(cand, teacher, alpha)
-    finally:
-        cand.delta = saved
+
+    def moved(name: str, d: torch.Tensor) -> torch.Tensor:
+        return permute_tensor(spec, name, d.float(), sigma) if name in spec.axes else d
+    return _evaluate(cand, teacher, alpha, transform=moved)
 
 
-def task_delta(ft: torch.nn.Module, a_dir: Path, b_module: torch.nn.Module, family: str,
-               perms: Mapping[str, torch.Tensor] | None, vocab: VocabMap | None) -> dict[str, torch.Tensor]:
-    """π(A_ft − A) per module parameter, placed in B's shapes (module names)."""
-    a = load_hf_model(a_dir, what="--alpha auto")  # float32, and discarded: τ is formed in its storage
-    a_state = dict(a.named_parameters())
-    ft_state = dict(ft.named_parameters())
-    tau = {k: torch.sub(ft_state[k].detach(), v.detach(), out=v.detach()) for k, v in a_state.items()
-           if k in ft_state and ft_state[k].shape == v.shape and v.is_floating_point()}
-    del a, a_state
-    if perms is not None:
-        tau = apply_to_state(module_spec(ft, family, where=a_dir), perms, tau)
+def load_dtype(model_dir: Path, forward: torch.dtype) -> torch.dtype:
+    """The dtype to load a model in: ``forward`` when every floating tensor of its checkpoint already
+    has that dtype (the loaded values are then exact), else float32."""
+    ckpt = open_checkpoint(model_dir)
+    floats = {DTYPES[i.dtype] for i in ckpt.tensors.values() if DTYPES[i.dtype].is_floating_point}
+    return forward if floats == {forward} else torch.float32
+
+
+def task_vector(ft: torch.nn.Module, a_dir: Path, family: str, perms: Mapping[str, torch.Tensor] | None,
+                store: torch.dtype) -> dict[str, torch.Tensor]:
+    """π(A_ft − A) per module parameter of the fine-tune, computed in float32 and stored in ``store``.
+
+    A is read tensor by tensor from its checkpoint when the module's parameter names are the
+    checkpoint's; otherwise (transformers renames some, e.g. ViT's) A is loaded as a module.
+    """
+    ft_params = {k: p.detach() for k, p in ft.named_parameters() if p.is_floating_point()}
+    ckpt = open_checkpoint(a_dir)
+    if all(k in ckpt and ckpt.shape(k) == tuple(p.shape) for k, p in ft_params.items()):
+        def a_value(k: str) -> torch.Tensor | None:
+            return ckpt.get(k, dtype=torch.float32, check_finite=True)
+    else:
+        a_state = {k: p.detach() for k, p in load_hf_model(a_dir, what="--alpha auto").named_parameters()}
+
+        def a_value(k: str) -> torch.Tensor | None:
+            v = a_state.pop(k, None)
+            return v if v is not None and v.shape == ft_params[k].shape and v.is_floating_point() else None
+    spec = module_spec(ft, family, where=a_dir) if perms is not None else None
+    tau: dict[str, torch.Tensor] = {}
+    for k, p in ft_params.items():
+        a = a_value(k)
+        if a is None:
+            continue
+        d = p.float() - a
+        if spec is not None and k in spec.axes:
+            d = permute_tensor(spec, k, d, perms)
+        tau[k] = d.to(store)
+    return tau
+
+
+def place_delta(tau: Mapping[str, torch.Tensor], b_module: torch.nn.Module,
+                vocab: VocabMap | None) -> dict[str, torch.Tensor]:
+    """π(τ) placed in B's module shapes (vocabulary rows mapped; tensors B lacks dropped)."""
     b_params = dict(b_module.named_parameters())
     out: dict[str, torch.Tensor] = {}
     for k, d in tau.items():
@@ -404,17 +441,17 @@ def task_delta(ft: torch.nn.Module, a_dir: Path, b_module: torch.nn.Module, fami
             if d.dim() == target.dim() else []
         if vocab is None or len(axes) != 1:
             continue
-        full = torch.zeros(target.shape, dtype=torch.float32)
+        full = torch.zeros(target.shape, dtype=d.dtype)
         full.index_copy_(axes[0], vocab.b_rows, d.index_select(axes[0], vocab.a_rows))
         out[k] = full
     return out
 
 
-def _load_finetune(finetuned: Path, a_dir: Path) -> torch.nn.Module:
+def _load_finetune(finetuned: Path, a_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     from rebasin.lora import is_adapter_dir
 
     if not is_adapter_dir(finetuned):
-        return load_hf_model(finetuned, what="--alpha auto")
+        return load_hf_model(finetuned, what="--alpha auto", dtype=load_dtype(finetuned, dtype))
     try:
         from peft import PeftModel
     except ImportError as exc:
@@ -447,17 +484,13 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     def lap(phase: str) -> None:
         phases[phase] = round(time.perf_counter() - t0 - sum(phases.values()), 3)
     what = "--alpha auto"
-    ft = _load_finetune(Path(finetuned), Path(old_base))
-    b = load_hf_model(new_base, what=what)
-    delta = task_delta(ft, Path(old_base), b, family, perms, vocab)  # float32, before any rounding
-    if not delta:
-        raise RebasinError("calibration found no tensor of the task vector in the new base's module",
-                           file=new_base)
-    n_params = sum(p.numel() for p in b.parameters())
+    n_params = open_checkpoint(new_base).numel()
     dtype = dtype or forward_dtype(n_params)
     default_count, default_length = PROBES_LARGE if n_params >= LARGE_PARAMS else PROBES_SMALL
     probe_count, probe_length = probe_count or default_count, probe_length or default_length
-    cand = Candidate(b, delta, dtype)
+    # one model at a time where possible: A_ft and τ, then the probes and A_ft's targets, then B
+    ft = _load_finetune(Path(finetuned), Path(old_base), dtype)
+    tau = task_vector(ft, Path(old_base), family, perms, store=dtype)  # float32 differences, stored in dtype
     ft.to(dtype)
     lap("load")
     probes = make_probes(ft, count=probe_count, length=probe_length, seed=seed, model_dir=Path(finetuned)
@@ -470,6 +503,14 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     teacher = Teacher(ft, probes, chunk, vocab, seed)
     del ft
     lap("teacher")
+    b = load_hf_model(new_base, what=what, dtype=load_dtype(new_base, dtype))
+    delta = place_delta(tau, b, vocab)
+    del tau
+    if not delta:
+        raise RebasinError("calibration found no tensor of the task vector in the new base's module",
+                           file=new_base)
+    cand = Candidate(b, delta, dtype)
+    lap("base")
     curve: dict[float, float] = {}
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)

@@ -252,7 +252,7 @@ def test_null_model_is_skipped_only_when_it_cannot_change_the_verdict(planted):
                   probe_count=8, probe_length=16)
     if u.reduction < 0.1:
         assert u.kl_null is None and u.verdict == "does not carry over"
-    assert set(c.phases) == {"load", "probes", "teacher", "search", "null"}
+    assert set(c.phases) == {"load", "probes", "teacher", "base", "search", "null"}
 
 
 def test_sampled_probes_ignore_the_models_generation_defaults():
