@@ -7,8 +7,8 @@ random initialisation (the ``A`` of seed 1): the match's hard case (weak signal,
 Shape ``llama-125m``: 12 layers of d_model 768, d_ff 2048, 12 heads / 4 KV heads, 32000-token
 vocabulary, untied (124.7 M parameters); ``--quick``: ``llama-tiny`` (2 layers of 64).
 
-In one process, after importing transformers (timed on its own — 0 when building the checkpoints
-already imported it; a fresh ``rebasin transfer`` pays it once): ``match(A, B)``, then
+In one process, after importing transformers and its Llama and Qwen2 modeling code (timed on its
+own; a fresh ``rebasin transfer`` pays it once, in a thread beside the match): ``match(A, B)``, then
 ``calibrate(..., alpha="auto")`` with π from that match, with today's defaults (probe size by
 model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are fast) and with the previous
 defaults (32 × 128 probes, float32 forwards); then the same match and calibration (today's
@@ -90,7 +90,9 @@ def run(quick: bool, device: str) -> list[dict]:
     cache = Path(os.environ.get("REBASIN_SCALE_CACHE", Path.home() / ".cache" / "rebasin" / "scale"))
     name = "llama-tiny" if quick else "llama-125m"
     t0 = time.perf_counter()
-    require_transformers("the calibration benchmark")
+    transformers = require_transformers("the calibration benchmark")
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):  # their modeling code: imported once per process
+        getattr(transformers, arch)
     import_s = time.perf_counter() - t0
     records, dirs = _planted(name, "LlamaForCausalLM", SHAPES[name], cache, device, import_s, previous=True)
     independent = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache, seed=1)["A"]

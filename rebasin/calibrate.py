@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rebasin.errors import RebasinError
-from rebasin.estimate import gemm_rate
+from rebasin.estimate import estimate_calibration, gemm_rate
 from rebasin.hf import load_hf_model, module_spec, primary_output
 from rebasin.io.checkpoint import DTYPES, open_checkpoint
 from rebasin.permutation import permute_tensor, random_perms
@@ -64,6 +64,7 @@ NULL_SHARE = 0.5  # ... of which at least this share must vanish under a random 
 LAYER_STEPS = 150
 LAYER_LR = 0.03
 LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
+SET_SLICE = 1 << 18  # elements per float32 slice when the candidate's parameters are set (1 MiB)
 LOGIT_BUDGET = 1 << 28  # bytes of teacher probabilities kept in float32 (else bfloat16)
 BF16_MIN_PARAMS = 50_000_000  # smaller models: float32 forwards (cheap, and identical on every CPU)
 BF16_SPEEDUP = 2.0  # bfloat16 forwards only where bfloat16 GEMMs run at least this much faster
@@ -156,28 +157,37 @@ class Candidate:
                  dtype: torch.dtype = torch.float32) -> None:
         self.module = module
         self.params = dict(module.named_parameters())
-        # module.to(dtype) gives the parameters new storage when it changes their dtype; otherwise B's
-        # values must be copied before set() overwrites them
-        self.base = {k: self.params[k].detach() if self.params[k].dtype != dtype else self.params[k].detach().clone()
-                     for k in delta}
+        self.base = {k: self.params[k].detach() for k in delta}  # B's values as loaded, only ever read
+        for k in delta:  # set() writes into fresh memory: module.to(dtype) allocates it, or a copy does
+            p = self.params[k]  # (writing into tensors transformers memory-mapped copies a page per fault)
+            if p.dtype == dtype:
+                p.data = p.detach().clone()
         module.to(dtype)
         self.delta = delta
         self.blocks = sorted({block_of(k) for k in delta})
-        self.scratch = torch.empty(max((d.numel() for d in delta.values()), default=0))  # float32 sums, reused
+        # float32 copies of a slice of base and δ: small enough to stay in cache, allocated once
+        self.scratch = (torch.empty(SET_SLICE), torch.empty(SET_SLICE))
 
     @torch.no_grad()
     def set(self, alpha: float | Mapping[str, float],
             transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Parameters ← ``base + α·δ`` (``transform(name, δ)`` in place of δ when given, tensor by tensor)."""
+        """Parameters ← ``base + α·δ`` (``transform(name, δ)`` in place of δ when given, tensor by tensor),
+        summed in float32 — slice by slice, both converted first (mixed-dtype in-place sums take a slow
+        path) — and rounded once (a bfloat16 sum would round α itself)."""
         for k, d in self.delta.items():
             a = float(alpha if isinstance(alpha, (int, float)) else alpha.get(block_of(k), 0.0))
             if transform is not None:
                 d = transform(k, d)
-            p = self.params[k]
-            if p.dtype == torch.float32 and self.base[k].dtype == torch.float32:
-                p.copy_(self.base[k]).add_(d, alpha=a)
-            else:
-                p.copy_(self.scratch[:d.numel()].view(d.shape).copy_(self.base[k]).add_(d, alpha=a))
+            p, base = self.params[k], self.base[k]
+            if p.dtype == base.dtype == d.dtype == torch.float32:
+                torch.add(base, d, alpha=a, out=p)
+                continue
+            flat_p, flat_b, flat_d = p.detach().view(-1), base.reshape(-1), d.reshape(-1)
+            for i in range(0, flat_p.numel(), SET_SLICE):
+                j = min(i + SET_SLICE, flat_p.numel())
+                total = self.scratch[0][:j - i].copy_(flat_b[i:j])
+                part = flat_d[i:j] if d.dtype == torch.float32 else self.scratch[1][:j - i].copy_(flat_d[i:j])
+                flat_p[i:j].copy_(total.add_(part, alpha=a))
 
     def functional(self, alphas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters as differentiable functions of per-block α's ``(n_blocks,)``."""
@@ -358,9 +368,14 @@ def carries_over(reduction: float, null_reduction: float, alpha: float) -> bool:
             and reduction - null_reduction >= NULL_SHARE * reduction)
 
 
+def _percent(x: float) -> str:
+    """``12%``, or ``0.4%`` under 1% (where ``0%`` would hide the sign of a change)."""
+    return f"{x:.0%}" if abs(x) >= 0.01 or x == 0 else f"{x:.1%}"
+
+
 def _verdict(alpha: float, reduction: float, null_reduction: float | None, requested: str) -> tuple[str, str]:
-    pct = f"KL −{reduction:.0%}" if reduction >= 0 else f"KL +{-reduction:.0%}"
-    null = f"; a randomly re-ordered task vector: KL −{null_reduction:.0%}" if (null_reduction or 0) > 0 else ""
+    pct = f"KL −{_percent(reduction)}" if reduction >= 0 else f"KL +{_percent(-reduction)}"
+    null = f"; a randomly re-ordered task vector: KL −{_percent(null_reduction)}" if (null_reduction or 0) > 0 else ""
     ok = carries_over(reduction, null_reduction or 0.0, alpha if requested in ("auto", "auto-layer") else 0.0)
     if requested not in ("auto", "auto-layer"):
         if reduction < 0:
@@ -384,6 +399,26 @@ def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, fami
     def moved(name: str, d: torch.Tensor) -> torch.Tensor:
         return permute_tensor(spec, name, d.float(), sigma) if name in spec.axes else d
     return _evaluate(cand, teacher, alpha, transform=moved)
+
+
+def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = None,
+                   probe_length: int | None = None) -> int:
+    """Peak RSS of :func:`calibrate` on these models (:func:`rebasin.estimate.estimate_calibration`)."""
+    from rebasin.lora import is_adapter_dir
+
+    b = open_checkpoint(new_base)
+    n = b.numel()
+    dtype = forward_dtype(n)
+    count, length = PROBES_LARGE if n >= LARGE_PARAMS else PROBES_SMALL
+    count, length = probe_count or count, probe_length or length
+    config = b.config.get("text_config") or b.config
+    vocab = int(config.get("vocab_size") or 1024)
+    chunk = max(1, min(count // 4, (1 << 26) // max(1, length * vocab)))
+    positions = count * length
+    ft_bytes = 4 if is_adapter_dir(finetuned) else load_dtype(finetuned, dtype).itemsize
+    return estimate_calibration(n, max(i.numel for i in b.tensors.values()), ft_bytes,
+                                load_dtype(new_base, dtype).itemsize, dtype.itemsize, positions, chunk * length,
+                                vocab, 4 if positions * vocab * 4 <= LOGIT_BUDGET else 2)
 
 
 def load_dtype(model_dir: Path, forward: torch.dtype) -> torch.dtype:
@@ -482,7 +517,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     phases: dict[str, float] = {}
 
     def lap(phase: str) -> None:
-        phases[phase] = round(time.perf_counter() - t0 - sum(phases.values()), 3)
+        phases[phase] = max(0.0, round(time.perf_counter() - t0 - sum(phases.values()), 3))
     what = "--alpha auto"
     n_params = open_checkpoint(new_base).numel()
     dtype = dtype or forward_dtype(n_params)

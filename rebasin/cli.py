@@ -98,7 +98,8 @@ def _match_args(p: argparse.ArgumentParser) -> None:
                         "size and device; sinkhorn is approximate)")
     p.add_argument("--max-sweeps", type=positive_int, default=20, metavar="N",
                    help="coordinate-descent sweeps at most (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the group visiting order (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the group visiting order and, in transfer, of the "
+                   "calibration's probes (default 0)")
     p.add_argument("--device", type=device_choice, default="auto", metavar="DEVICE",
                    help=f"{', '.join(DEVICES)} (default auto: cuda when available)")
     _symmetries_arg(p, "symmetries matched: full (default: permutations plus the exact within-head orthogonal maps "
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verdict", action="store_true",
                    help="with a numeric --alpha: skip measuring its verdict (no model is loaded as a module; "
                         "the plain arithmetic, as fast as the files can be read and written)")
-    p.add_argument("--perms", help="reuse a permutations file instead of matching")
+    p.add_argument("--perms", help="rebasin mode: reuse a permutations file (from `rebasin match` of the same "
+                   "old and new base) instead of matching")
     _match_args(p)
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="output dtype (default: the new base's)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, memory and disk needs; write nothing")
@@ -214,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="rebasin-demo", help="output folder for the table and plot")
     p.add_argument("--cache", default=None, help="model cache folder (default $REBASIN_CACHE/toy, else "
                    "~/.cache/rebasin/toy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models, data orders and probes (default 0)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -312,6 +314,9 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
     elif r.get("alignment"):
         m = r["alignment"]
         lines.append(f"alignment objective: identity {m['objective_identity']:.6g} -> given π {m['objective']:.6g}")
+        if m["objective"] < m["objective_identity"]:
+            lines.append("warning: the given permutations make A less like B than no permutation at all; "
+                         "were they matched for another pair? (`rebasin match OLD_BASE NEW_BASE` finds this pair's)")
     if r.get("lineage"):
         lines.append(r["lineage"])
     c = r.get("calibration")
@@ -322,9 +327,12 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
                      f"at α = {c['alpha']:.3g} ({c['seconds']:.1f} s, {c['probes']['count']} {c['probes']['kind']} "
                      "probes)")
         lines.append(c["line"])
-    alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:g}"
-    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: "
-                 f"{tensor_counts(r['tensors'], r.get('adapter'))})")
+    alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:.3g}"
+    counts = (f"the task vector scaled by 0: B's {r['tensors']['changed'] + r['tensors'].get('unchanged', 0)} "
+              f"tensors as they are, {r['tensors']['copied_from_b']} copied from B"
+              if r["alpha"] == 0 and not (c and c.get("alphas")) and not r.get("adapter")
+              else tensor_counts(r["tensors"], r.get("adapter")))
+    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: {counts})")
     if r.get("files_from_b"):
         lines.append(f"copied from B: {', '.join(r['files_from_b'])}")
     return "\n".join(lines)
@@ -333,7 +341,7 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
 def format_plan(plan: dict[str, Any]) -> str:
     lines = ["dry run: nothing written"]
     lines += [f"  {key:<13} {plan[key]}" for key in ("family", "mode", "groups", "permutations", "alpha",
-                                                      "peak_memory", "disk")]
+                                                      "peak_memory", "disk", "output") if key in plan]
     lines.append("  files         " + "\n                ".join(plan["files"]))
     return "\n".join(lines)
 
@@ -374,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "no_verdict", False) and isinstance(args.alpha, str):
         args.parser.error("--no-verdict needs a numeric --alpha (auto and auto-layer are the calibration)")
+    if getattr(args, "no_verdict", False) and args.require_gain is not None:
+        args.parser.error("--require-gain needs the verdict that --no-verdict skips")
+    if getattr(args, "perms", None) and getattr(args, "mode", None) == "diff":
+        args.parser.error("--perms applies to rebasin mode only (diff mode adds the task vector unpermuted)")
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        parser.error("a command is needed: inspect, apply, match, transfer or demo")
     try:
         return int(args.func(args) or 0)
     except RebasinError as exc:

@@ -292,6 +292,27 @@ def estimate_write(a: Model, b: Model, rebasin: bool, vocab_tensors: list[str] |
                         "vocab_tensor": vocab})
 
 
+CALIB_BASE_RSS = 450 * MIB  # calibration: torch and transformers imported
+LOGIT_TEMPS = 5  # one probe chunk's output: logits (forward dtype), in float32, targets in float32, p·y, logsumexp
+
+
+def estimate_calibration(n_params: int, largest: int, ft_bytes: int, b_bytes: int, forward_bytes: int,
+                         positions: int, chunk_positions: int, vocab: int, target_bytes: int) -> int:
+    """Peak RSS of α calibration (:mod:`rebasin.calibrate`), which holds one model at a time where it can.
+
+    First A_ft (``ft_bytes`` per parameter as loaded) and τ (``forward_bytes``), with four float32
+    copies of the largest tensor while τ is formed (A_ft's, A's, their difference, its permutation);
+    then B's values as loaded (``b_bytes``), B's module (``forward_bytes``), δ, the fine-tune's
+    targets (``positions × vocab × target_bytes``) and either the null model's σ(δ) of one tensor
+    or one probe chunk's outputs.
+    """
+    first = n_params * (ft_bytes + forward_bytes) + 4 * 4 * largest
+    targets = positions * vocab * target_bytes
+    second = (n_params * (b_bytes + 2 * forward_bytes) + targets
+              + max(2 * 4 * largest, LOGIT_TEMPS * 4 * chunk_positions * vocab))
+    return int((CALIB_BASE_RSS + max(first, second)) * ALLOC_SLACK)
+
+
 def check_budget(job: str, est: JobEstimate, memory: float | None) -> None:
     """RefusedError (exit 7), before any work, when ``est.peak`` exceeds the budget."""
     budget, how = budget_bytes(memory)

@@ -31,6 +31,22 @@ def require_transformers(what: str) -> Any:
     return transformers
 
 
+def prefetch_model_code(config: dict[str, Any]) -> None:
+    """Import transformers and the model class ``config`` names in a background thread: a first
+    import costs seconds of Python (transformers imports its modeling code lazily), which can run
+    while the caller does other work. A later import of the same modules waits for this one."""
+    import threading
+
+    def load() -> None:
+        try:
+            transformers = require_transformers("calibration")
+            for arch in config.get("architectures") or []:
+                getattr(transformers, arch, None)
+        except Exception:  # the caller's own import reports any problem
+            pass
+    threading.Thread(target=load, name="rebasin-prefetch-transformers", daemon=True).start()
+
+
 def load_hf_model(model_dir: str | Path, *, what: str = "this command",
                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The model class named by ``config.architectures`` (else ``AutoModel``), weights loaded, in eval mode."""

@@ -24,7 +24,7 @@ def write_report(directory: Path, report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any], plot: bool) -> str:
-    lines = [f"# rebasin transfer ({report['mode']} mode, α = {report['alpha']})", "",
+    lines = [f"# rebasin transfer ({report['mode']} mode, α = {report['alpha']:.3g})", "",
              f"- family: {report['family']}", f"- old base (A): `{report['old_base']}`",
              f"- fine-tune (A_ft): `{report['finetuned']}`" + (" (LoRA adapter)" if report.get("adapter") else ""),
              f"- new base (B): `{report['new_base']}`",
@@ -61,7 +61,7 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
         lines += ["", report["lineage"]]
     m = report.get("match") or report.get("alignment")
     if m:
-        how = (f"matched {m['objective']:.6g} ({m['sweeps']} sweeps, "
+        how = (f"matched {m['objective']:.6g} ({m['sweeps']} sweep{'s' if m['sweeps'] != 1 else ''}, "
                f"{'converged' if m['converged'] else 'not converged'})" if report.get("match")
                else f"given π {m['objective']:.6g} (permutations from `{m['perms']}`"
                + (f", format version {m['format_version']}" if m.get("format_version") else "")

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from rebasin.compat import check_same_architecture
 from rebasin.distributed import is_main_process
-from rebasin.errors import IncompatibleInputsError, RebasinError, RefusedError
+from rebasin.errors import IncompatibleInputsError, InputFileError, RebasinError, RefusedError
 from rebasin.estimate import estimate_match, estimate_write, human
+from rebasin.hf import prefetch_model_code
 from rebasin.io.checkpoint import DTYPES as CK_DTYPES
 from rebasin.io.checkpoint import open_checkpoint
 from rebasin.io.perms_file import load_perms, save_perms
@@ -111,9 +112,10 @@ def _have_transformers() -> bool:
 
 
 def memory_plan(a: Model, b: Model, mode: str, adapter: bool, perms_file: str | None, device: str = "auto",
-                memory: float | None = None) -> dict[str, Any]:
+                memory: float | None = None, calibration: Callable[[], int] | None = None) -> dict[str, Any]:
     """Predicted peak RSS and time of this transfer (:mod:`rebasin.estimate`), the memory mode the
-    match will use (streaming or cached) and whether it fits the budget."""
+    match will use (streaming or cached) and whether it fits the budget; ``calibration`` gives the
+    α calibration's peak when the transfer calibrates."""
     from rebasin.estimate import budget_bytes
     from rebasin.matching.api import resolve_device
 
@@ -134,15 +136,21 @@ def memory_plan(a: Model, b: Model, mode: str, adapter: bool, perms_file: str | 
         detail = (f"the match {'caches both models' if mem_mode == 'cached' else 'streams'} (cached: "
                   f"{human(est.cached)}, streaming: {human(est.streaming)}); ~{est.seconds_first_sweep:.0f} s per sweep"
                   + (f" on {world} ranks" if world > 1 else ""))
+    calib = calibration() if calibration is not None else 0
+    if calib:
+        detail += f"; α calibration {human(calib)}"
+        peak = max(peak, calib)
     fits = peak <= budget
     line = f"{human(peak)} predicted ({detail}); budget {human(budget)} ({how})"
     return {"peak_bytes": peak, "budget_bytes": budget, "budget_from": how, "memory_mode": mem_mode, "fits": fits,
-            "seconds": seconds, "line": line}
+            "seconds": seconds, "line": line, "calibration_bytes": calib}
 
 
 def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: str | None,
-         alpha: float | str, *, device: str = "auto", memory: float | None = None) -> dict[str, Any]:
-    mem = memory_plan(a, b, mode, adapter, perms_file, device, memory)
+         alpha: float | str, *, device: str = "auto", memory: float | None = None,
+         calibration: Callable[[], int] | None = None, output: Path | None = None,
+         overwrite: bool = False) -> dict[str, Any]:
+    mem = memory_plan(a, b, mode, adapter, perms_file, device, memory, calibration)
     files = ([ADAPTER_CONFIG, "adapter_model.safetensors"] if adapter else ["model.safetensors (sharded + index "
              "when over the shard limit)"]) + [("tokenizer files from B" if adapter else
                                                 "every non-weight file of B's directory (config, tokenizer, ...)"),
@@ -155,13 +163,15 @@ def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: 
     return {
         "family": a.family, "mode": mode, "groups": len(a.spec.groups),
         "permutations": perms_file or (f"match A -> B with solver '{solver}'" if mode == "rebasin" else "none"),
-        "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, A and B as modules)"
+        "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, then B, as modules)"
                   if isinstance(alpha, str) else f"{alpha:g}"),
         "files": files,
         "peak_memory": mem["line"] + ("" if mem["fits"] else " — exceeds the budget: the run would be refused "
                                                             "(exit 7)"),
         "memory_mode": mem["memory_mode"],
         "time": f"~{mem['seconds']:.0f} s predicted (2 sweeps of matching when it matches; calibration not included)",
+        "output": (f"{output}: exists — the run stops (exit 6) unless --overwrite"
+                   if output is not None and output.exists() and not overwrite else str(output)),
         "memory": mem,
         "disk": human(b.checkpoint.nbytes() if not adapter else 0),
     }
@@ -217,15 +227,29 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     if needed and bare is not None:
         raise RebasinError("calibrating α needs model directories (config.json beside the weights); "
                            "pass a number to --alpha", file=bare.path)
+    if probe_data is not None and not Path(probe_data).is_file():
+        raise InputFileError("probe data file not found", file=Path(probe_data))
+    calibrates = needed or (check_alpha and bare is None and _have_transformers())
+    calib_peak = None
+    if calibrates:
+        from rebasin.calibrate import predicted_peak
+
+        def calib_peak() -> int:
+            return predicted_peak(Path(finetuned), b.checkpoint.directory, probe_count, probe_length)
     perms_arg = str(perms) if perms else None
+    if calibrates and not dry_run:
+        prefetch_model_code(b.config)
     if dry_run:
         return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, perms_arg, alpha, device=device,
-                                                    memory=memory)})
-    mem = memory_plan(a, b, mode, adapter, perms_arg, device, memory)
+                                                    memory=memory, calibration=calib_peak, output=output,
+                                                    overwrite=overwrite)})
+    mem = memory_plan(a, b, mode, adapter, perms_arg, device, memory, calib_peak)
     return_freed_memory()
     if not mem["fits"]:
         raise RefusedError(f"this transfer needs {mem['line']}; nothing was done. Free memory, pass a larger "
-                           "--memory, or run the match on several processes (torchrun, see docs/scale.md)")
+                           "--memory, run the match on several processes (torchrun, see docs/scale.md)"
+                           + (", or skip the calibration (--alpha NUMBER --no-verdict)" if mem["calibration_bytes"]
+                              > mem["budget_bytes"] else ""))
     ensure_output_free(output, overwrite)
 
     vocab: VocabMap | None = None
@@ -257,12 +281,15 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
                 return TransferResult(output, {"match": match_report, "rank_only": True}, pi, [])
     lineage = same_lineage_line(match_report)
     calibration = None
-    if needed or (check_alpha and bare is None and _have_transformers()):
+    if calibrates:
         from rebasin.calibrate import calibrate
 
         calibration = calibrate(a.checkpoint.directory, Path(finetuned), b.checkpoint.directory, a.family, perms=pi,
                                 alpha=alpha, vocab=vocab, probe_data=probe_data, probe_count=probe_count,
                                 probe_length=probe_length, seed=probe_seed, progress=progress)
+        if mode == "diff" and calibration.verdict == "does not carry over":
+            calibration.line += ("; if B is A's lineage re-released in another unit order, or trained "
+                                 "independently, try --mode rebasin")
         if require_gain is not None and calibration.reduction < require_gain:
             raise RefusedError(f"the fine-tune does not carry over enough: KL reduction {calibration.reduction:.1%} "
                                f"< --require-gain {require_gain:.1%} ({calibration.line}); nothing written",
@@ -391,9 +418,27 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
                                       file=ft.path)
     files_from_b = copy_model_files(b.checkpoint.directory, tmp, produced=REPORT_FILES)
     out_dtypes = sorted({str(item.dtype).removeprefix("torch.") for item in layout if item.dtype.is_floating_point})
+    if out_dtype is not None:
+        _set_config_dtype(tmp / "config.json", out_dtype)
     return {"tensors": {"changed": changed, "unchanged": unchanged, "copied_from_b": copied},
             "files_from_b": files_from_b, "task_vector_norm": sq_norm ** 0.5,
             "arithmetic": {"dtype": "float32", "output_dtypes": out_dtypes}}
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """Record ``--dtype`` in the output's config.json (``dtype``, and ``torch_dtype`` where B's config had
+    it), so that ``from_pretrained(dtype="auto")`` loads the weights in the dtype they were written in."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict) and "torch_dtype" in config[sub]:
+            config[sub]["torch_dtype"] = name
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _sq_sum(x: torch.Tensor) -> float:

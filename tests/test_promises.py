@@ -127,7 +127,8 @@ def test_full_disk_exits_8_and_leaves_nothing(trio, tmp_path, capsys, monkeypatc
             ["No space left on device", "nothing was written", str(out)], [out], capsys)
     for mode in ("diff", "rebasin"):
         out = tmp_path / f"moved-{mode}"
-        refused(_transfer(root, out, "--mode", mode, "--alpha", "1", "--perms", root / "p.safetensors"), 8,
+        perms = ["--perms", root / "p.safetensors"] if mode == "rebasin" else []
+        refused(_transfer(root, out, "--mode", mode, "--alpha", "1", *perms), 8,
                 ["No space left on device", "nothing was written"], [out], capsys)
 
 
@@ -216,6 +217,8 @@ BAD_OPTIONS = [
     (["--require-gain", "1.5"], "fraction"), (["--require-gain", "nan"], "finite"),
     (["--probe-count", "0"], "must be >= 1"), (["--mode", "sideways"], "invalid choice"),
     (["--dtype", "float64"], "invalid choice"), (["--no-verdict"], "--no-verdict needs a numeric --alpha"),
+    (["--alpha", "1", "--no-verdict", "--require-gain", "0.2"], "--require-gain needs the verdict"),
+    (["--mode", "diff", "--perms", "p.safetensors"], "--perms applies to rebasin mode only"),
 ]
 
 
@@ -675,3 +678,62 @@ def test_property_random_options_and_corrupt_inputs(trio, tmp_path, capsys):
                 nothing_written(out)
     # the loop really exercised successes and refusals of every command
     assert {"apply:0", "match:0", "transfer:0", "transfer:2", "apply:3", "transfer:5"} <= set(seen), seen
+
+
+def test_dry_run_says_when_the_output_exists_and_includes_calibration_memory(trio, tmp_path, capsys):
+    root = trio[0]
+    out = tmp_path / "o"
+    out.mkdir()
+    code, text, _ = run(_transfer(root, out, "--dry-run"), capsys)
+    assert code == 0 and "exists — the run stops (exit 6) unless --overwrite" in text
+    assert "α calibration" in text
+    code, text, _ = run(_transfer(root, out, "--alpha", "1", "--no-verdict", "--dry-run", "--overwrite"), capsys)
+    assert code == 0 and "exists" not in text and "α calibration" not in text
+
+
+def test_missing_probe_data_exits_3_before_any_work(trio, tmp_path, capsys, monkeypatch):
+    import rebasin.matching.api as api
+
+    def no_match(*_a, **_k):
+        raise AssertionError("matched before checking the probe data")
+    monkeypatch.setattr(api, "match", no_match)
+    root = trio[0]
+    refused(_transfer(root, tmp_path / "o", "--probe-data", str(tmp_path / "nope.txt")), 3,
+            ["probe data file not found", "nope.txt"], [tmp_path / "o"], capsys)
+
+
+def test_calibration_memory_is_planned_and_refused_before_any_work(trio, tmp_path, capsys, monkeypatch):
+    import rebasin.calibrate as cal
+
+    monkeypatch.setattr(cal, "predicted_peak", lambda *a, **k: 1 << 50)  # a calibration no budget holds
+    root = trio[0]
+    refused(_transfer(root, tmp_path / "o", "--perms", root / "p.safetensors"), 7,
+            ["α calibration", "--alpha NUMBER --no-verdict"], [tmp_path / "o"], capsys)
+    code, _, _ = run(_transfer(root, tmp_path / "o", "--perms", root / "p.safetensors", "--alpha", "1",
+                               "--no-verdict"), capsys)
+    assert code == 0  # without calibration the same transfer fits
+
+
+def test_given_permutations_worse_than_identity_are_warned_about(trio, tmp_path, capsys):
+    """π0 aligns A to B = π0(A); given for the pair (A, A) it makes A less like the new base than no π."""
+    root = trio[0]
+    argv = ["transfer", "--old-base", root / "A", "--finetuned", root / "Aft", "--new-base", root / "A", "-o",
+            tmp_path / "o", "--perms", root / "p.safetensors", "--alpha", "1", "--no-verdict"]
+    code, text, _ = run(argv, capsys)
+    assert code == 0 and "warning: the given permutations make A less like B" in text
+    code, text, _ = run(_transfer(root, tmp_path / "o2", "--perms", root / "p.safetensors", "--alpha", "1",
+                                  "--no-verdict"), capsys)
+    assert code == 0 and "warning" not in text  # control: the pair's own permutations are not warned about
+
+
+def test_output_dtype_is_recorded_in_the_config(trio, tmp_path, capsys):
+    root = trio[0]
+    out = tmp_path / "o"
+    code, _, _ = run(_transfer(root, out, "--mode", "diff", "--alpha", "1", "--no-verdict", "--dtype", "bfloat16"),
+                     capsys)
+    assert code == 0 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = T.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    plain = tmp_path / "p"
+    run(_transfer(root, plain, "--mode", "diff", "--alpha", "1", "--no-verdict"), capsys)
+    assert json.loads((plain / "config.json").read_text()) == json.loads((root / "B" / "config.json").read_text())
