@@ -13,7 +13,9 @@ own; a fresh ``rebasin transfer`` pays it once, in a thread beside the match): `
 model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are fast) and with the previous
 defaults (32 × 128 probes, float32 forwards); then the same match and calibration (today's
 defaults) onto ``B'``. Each record: wall seconds, the α found, evaluations, the forward dtype,
-probes, the verdict, and the ratio calibration / match. The planted pair is the match's easiest
+probes, the verdict, seconds per phase, the ratio calibration / match, and the process's peak RSS
+while calibrating (sampled every 20 ms; RSS before it beside) next to the transfer's prediction
+(:func:`rebasin.calibrate.predicted_peak`, which assumes today's forward dtype). The planted pair is the match's easiest
 case (the row bound settles every solve); onto ``B'`` the match takes more sweeps.
 
 Then the same match and calibration (defaults) on the scale benchmark's planted Qwen2-0.5B-shaped
@@ -26,6 +28,7 @@ build the checkpoints once).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,15 +47,36 @@ SHAPES = {
 }
 
 
-def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], **options: Any) -> dict[str, Any]:
-    from rebasin.calibrate import calibrate
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+
+def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: str, **options: Any) -> dict[str, Any]:
+    """One calibration, timed, with this process's peak RSS while it ran (sampled every 20 ms) and the
+    transfer's prediction of it."""
+    from rebasin.calibrate import calibrate, predicted_peak
+
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
-    c = calibrate(dirs["A"], dirs["Aft"], dirs["B"], "llama", perms=perms, alpha="auto", **options)
-    return {"calibrate_s": time.perf_counter() - t0, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
+    c = calibrate(dirs["A"], dirs["Aft"], dirs["B"], family, perms=perms, alpha="auto", **options)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    predicted = predicted_peak(dirs["Aft"], dirs["B"], options.get("probe_count"), options.get("probe_length"))
+    return {"calibrate_s": seconds, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
             "dtype": c.dtype, "probes": f"{c.probes['count']} x {c.probes.get('length', '?')}",
             "reduction": round(c.reduction, 4), "verdict": c.verdict,
-            **{f"{k}_s": round(v, 2) for k, v in (c.phases or {}).items()}}
+            **{f"{k}_s": round(v, 2) for k, v in (c.phases or {}).items()},
+            "rss_before_gib": round(before / 2**30, 2), "peak_rss_gib": round(peak[0] / 2**30, 2),
+            "predicted_peak_gib": round(predicted / 2**30, 2)}
 
 
 def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str, import_s: float,
@@ -73,7 +97,8 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
     records = []
     for label, options in cases:
         rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),
-               "transformers_import_s": round(import_s, 2), **_calibrate(dirs, result.perms, **options),
+               "transformers_import_s": round(import_s, 2),
+               **_calibrate(dirs, result.perms, "llama" if arch.startswith("Llama") else "qwen2", **options),
                "load1": round(os.getloadavg()[0], 2), "params": params}
         rec["calibrate_over_match"] = round(rec["calibrate_s"] / match_s, 3)
         records.append(rec)
@@ -101,7 +126,7 @@ def run(quick: bool, device: str) -> list[dict]:
     other_s = time.perf_counter() - t0
     rec = {"case": f"{name} calibrate onto an independent B', defaults", "model": name, "match_s": round(other_s, 2),
            "match_sweeps": other.sweeps, "transformers_import_s": round(import_s, 2),
-           **_calibrate({**dirs, "B": independent}, other.perms), "load1": round(os.getloadavg()[0], 2),
+           **_calibrate({**dirs, "B": independent}, other.perms, "llama"), "load1": round(os.getloadavg()[0], 2),
            "params": open_model(dirs["A"]).checkpoint.numel()}
     rec["calibrate_over_match"] = round(rec["calibrate_s"] / other_s, 3)
     records.append(rec)

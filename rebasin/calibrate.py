@@ -71,6 +71,18 @@ BF16_SPEEDUP = 2.0  # bfloat16 forwards only where bfloat16 GEMMs run at least t
 _LAYER = re.compile(r"\.(\d+)(?=\.)")
 
 
+def probe_shape(n_params: int, count: int | None = None, length: int | None = None) -> tuple[int, int]:
+    """(probe count, tokens each): the given ones, else the defaults for a model of ``n_params``."""
+    default_count, default_length = PROBES_LARGE if n_params >= LARGE_PARAMS else PROBES_SMALL
+    return count or default_count, length or default_length
+
+
+def chunk_size(count: int, per_probe: int, outputs: int) -> int:
+    """Probes per forward: at least 4 chunks (auto-layer fits on minibatches and holds half of them
+    out), and about 2²⁶ output values (``per_probe`` positions × ``outputs``) per chunk at most."""
+    return max(1, min(count // 4, (1 << 26) // max(1, per_probe * outputs)))
+
+
 def forward_dtype(n_params: int) -> torch.dtype:
     """The dtype of the probe forwards for a model of ``n_params`` parameters (see the module docstring)."""
     if n_params < BF16_MIN_PARAMS:
@@ -409,11 +421,10 @@ def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = No
     b = open_checkpoint(new_base)
     n = b.numel()
     dtype = forward_dtype(n)
-    count, length = PROBES_LARGE if n >= LARGE_PARAMS else PROBES_SMALL
-    count, length = probe_count or count, probe_length or length
+    count, length = probe_shape(n, probe_count, probe_length)
     config = b.config.get("text_config") or b.config
     vocab = int(config.get("vocab_size") or 1024)
-    chunk = max(1, min(count // 4, (1 << 26) // max(1, length * vocab)))
+    chunk = chunk_size(count, length, vocab)
     positions = count * length
     ft_bytes = 4 if is_adapter_dir(finetuned) else load_dtype(finetuned, dtype).itemsize
     return estimate_calibration(n, max(i.numel for i in b.tensors.values()), ft_bytes,
@@ -521,8 +532,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     what = "--alpha auto"
     n_params = open_checkpoint(new_base).numel()
     dtype = dtype or forward_dtype(n_params)
-    default_count, default_length = PROBES_LARGE if n_params >= LARGE_PARAMS else PROBES_SMALL
-    probe_count, probe_length = probe_count or default_count, probe_length or default_length
+    probe_count, probe_length = probe_shape(n_params, probe_count, probe_length)
     # one model at a time where possible: A_ft and τ, then the probes and A_ft's targets, then B
     ft = _load_finetune(Path(finetuned), Path(old_base), dtype)
     tau = task_vector(ft, Path(old_base), family, perms, store=dtype)  # float32 differences, stored in dtype
@@ -532,9 +542,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                          if (Path(finetuned) / "config.json").is_file() else Path(old_base), probe_data=probe_data)
     lap("probes")
     per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
-    vocab_size = getattr(ft.config, "vocab_size", None) or 1024
-    # at least 4 chunks: auto-layer fits on minibatches and holds half of them out
-    chunk = max(1, min(len(probes) // 4, (1 << 26) // max(1, per_seq * vocab_size)))
+    chunk = chunk_size(len(probes), per_seq, getattr(ft.config, "vocab_size", None) or 1024)
     teacher = Teacher(ft, probes, chunk, vocab, seed)
     del ft
     lap("teacher")
