@@ -386,7 +386,8 @@ def _percent(x: float) -> str:
 
 
 def _verdict(alpha: float, reduction: float, null_reduction: float | None, requested: str) -> tuple[str, str]:
-    pct = f"KL −{_percent(reduction)}" if reduction >= 0 else f"KL +{_percent(-reduction)}"
+    pct = ("KL unchanged" if reduction == 0 else f"KL −{_percent(reduction)}" if reduction > 0
+           else f"KL +{_percent(-reduction)}")
     null = f"; a randomly re-ordered task vector: KL −{_percent(null_reduction)}" if (null_reduction or 0) > 0 else ""
     ok = carries_over(reduction, null_reduction or 0.0, alpha if requested in ("auto", "auto-layer") else 0.0)
     if requested not in ("auto", "auto-layer"):
