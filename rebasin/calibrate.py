@@ -25,12 +25,14 @@ Everything runs on ``transformers`` modules: module names can differ from checkp
 so tensors are matched to blocks by :func:`block_of`, which reads the same block from both.
 
 Cost: the probe forwards dominate (sampling the probes, the fine-tune's targets once, one
-forward of the candidate per α evaluated, ~8–12). Models of :data:`BF16_MIN_PARAMS` parameters
-and more run those forwards in bfloat16 where this machine's bfloat16 GEMMs are at least
-:data:`BF16_SPEEDUP` times its float32 ones (CPUs with AMX or AVX512-BF16); the task vector,
-B's weights and every sum ``B + α·δ`` stay float32 and only the module's copy is rounded. Both the
-fine-tune and the candidate are rounded the same way, so D(α) keeps its minimum where B + α·δ
-meets A_ft; the rounding adds a small floor, far below the divergences compared.
+forward of the candidate per α evaluated, 4–8, and the null model's). Models of
+:data:`BF16_MIN_PARAMS` parameters and more run those forwards in bfloat16 where this machine's
+bfloat16 GEMMs are at least :data:`BF16_SPEEDUP` times its float32 ones (CPUs with AMX or
+AVX512-BF16); B's values are kept exactly as loaded, δ in the forward dtype, and every sum
+``B + α·δ`` is formed in float32 and rounded once into the module. Both the fine-tune and the
+candidate are rounded the same way, so D(α) keeps its minimum where B + α·δ meets A_ft; the
+rounding adds a small floor, far below the divergences compared. Memory: one model at a time
+(A_ft and τ, then B), see :func:`predicted_peak`.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from tqdm.auto import tqdm
 from rebasin.errors import RebasinError
 from rebasin.estimate import estimate_calibration, gemm_rate
 from rebasin.hf import load_hf_model, module_spec, primary_output
-from rebasin.io.checkpoint import DTYPES, open_checkpoint
+from rebasin.io.checkpoint import DTYPES, Checkpoint, open_checkpoint
 from rebasin.permutation import permute_tensor, random_perms
 from rebasin.probes import Probes, cast_inputs, make_probes
 from rebasin.vocab import VocabMap
@@ -427,16 +429,15 @@ def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = No
     vocab = int(config.get("vocab_size") or 1024)
     chunk = chunk_size(count, length, vocab)
     positions = count * length
-    ft_bytes = 4 if is_adapter_dir(finetuned) else load_dtype(finetuned, dtype).itemsize
+    ft_bytes = 4 if is_adapter_dir(finetuned) else load_dtype(open_checkpoint(finetuned), dtype).itemsize
     return estimate_calibration(n, max(i.numel for i in b.tensors.values()), ft_bytes,
-                                load_dtype(new_base, dtype).itemsize, dtype.itemsize, positions, chunk * length,
+                                load_dtype(b, dtype).itemsize, dtype.itemsize, positions, chunk * length,
                                 vocab, 4 if positions * vocab * 4 <= LOGIT_BUDGET else 2)
 
 
-def load_dtype(model_dir: Path, forward: torch.dtype) -> torch.dtype:
+def load_dtype(ckpt: Checkpoint, forward: torch.dtype) -> torch.dtype:
     """The dtype to load a model in: ``forward`` when every floating tensor of its checkpoint already
     has that dtype (the loaded values are then exact), else float32."""
-    ckpt = open_checkpoint(model_dir)
     floats = {DTYPES[i.dtype] for i in ckpt.tensors.values() if DTYPES[i.dtype].is_floating_point}
     return forward if floats == {forward} else torch.float32
 
@@ -498,7 +499,7 @@ def _load_finetune(finetuned: Path, a_dir: Path, dtype: torch.dtype) -> torch.nn
     from rebasin.lora import is_adapter_dir
 
     if not is_adapter_dir(finetuned):
-        return load_hf_model(finetuned, what="--alpha auto", dtype=load_dtype(finetuned, dtype))
+        return load_hf_model(finetuned, what="--alpha auto", dtype=load_dtype(open_checkpoint(finetuned), dtype))
     try:
         from peft import PeftModel
     except ImportError as exc:
@@ -531,7 +532,8 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     def lap(phase: str) -> None:
         phases[phase] = max(0.0, round(time.perf_counter() - t0 - sum(phases.values()), 3))
     what = "--alpha auto"
-    n_params = open_checkpoint(new_base).numel()
+    b_checkpoint = open_checkpoint(new_base)
+    n_params = b_checkpoint.numel()
     dtype = dtype or forward_dtype(n_params)
     probe_count, probe_length = probe_shape(n_params, probe_count, probe_length)
     # one model at a time where possible: A_ft and τ, then the probes and A_ft's targets, then B
@@ -547,7 +549,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     teacher = Teacher(ft, probes, chunk, vocab, seed)
     del ft
     lap("teacher")
-    b = load_hf_model(new_base, what=what, dtype=load_dtype(new_base, dtype))
+    b = load_hf_model(new_base, what=what, dtype=load_dtype(b_checkpoint, dtype))
     delta = place_delta(tau, b, vocab)
     del tau
     if not delta:

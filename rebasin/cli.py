@@ -328,11 +328,7 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
                      "probes)")
         lines.append(c["line"])
     alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:.3g}"
-    counts = (f"the task vector scaled by 0: B's {r['tensors']['changed'] + r['tensors'].get('unchanged', 0)} "
-              f"tensors as they are, {r['tensors']['copied_from_b']} copied from B"
-              if r["alpha"] == 0 and not (c and c.get("alphas")) and not r.get("adapter")
-              else tensor_counts(r["tensors"], r.get("adapter")))
-    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: {counts})")
+    lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: {tensor_counts(r)})")
     if r.get("files_from_b"):
         lines.append(f"copied from B: {', '.join(r['files_from_b'])}")
     return "\n".join(lines)

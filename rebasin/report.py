@@ -28,7 +28,7 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
              f"- family: {report['family']}", f"- old base (A): `{report['old_base']}`",
              f"- fine-tune (A_ft): `{report['finetuned']}`" + (" (LoRA adapter)" if report.get("adapter") else ""),
              f"- new base (B): `{report['new_base']}`",
-             f"- tensors: {tensor_counts(report['tensors'], report.get('adapter'))}",
+             f"- tensors: {tensor_counts(report)}",
              f"- task vector norm ‖A_ft − A‖: {report['task_vector_norm']:.6g}"]
     if report.get("arithmetic"):
         ar = report["arithmetic"]
@@ -92,10 +92,15 @@ def rotation_cell(g: dict[str, Any]) -> str:
     return cell
 
 
-def tensor_counts(t: dict[str, int], adapter: bool = False) -> str:
-    """``5 changed by the task vector, 98 unchanged (…), 2 copied from B`` — honest counts."""
-    if adapter:
+def tensor_counts(report: dict[str, Any]) -> str:
+    """``5 changed by the task vector, 98 unchanged (…), 2 copied from B`` — honest counts; when the
+    task vector was scaled by 0 (one global α = 0), that instead of "unchanged"."""
+    t = report["tensors"]
+    if report.get("adapter"):
         return f"{t['changed']} adapter tensors written"
+    if report["alpha"] == 0 and not (report.get("calibration") or {}).get("alphas"):
+        return (f"the task vector scaled by 0: B's {t['changed'] + t.get('unchanged', 0)} tensors as they are, "
+                f"{t['copied_from_b']} copied from B")
     parts = [f"{t['changed']} changed by the task vector"]
     if t.get("unchanged"):
         parts.append(f"{t['unchanged']} unchanged (zero task vector there, or below the output dtype's precision)")

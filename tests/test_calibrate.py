@@ -270,3 +270,18 @@ def test_sampled_probes_ignore_the_models_generation_defaults():
     out = model.generate(input_ids=plain[:, :1], attention_mask=torch.ones_like(plain[:, :1]), max_new_tokens=11,
                          min_new_tokens=11, pad_token_id=0)
     assert not torch.equal(out, plain)  # control: the defaults do change what generate() draws
+
+
+def test_an_output_of_alpha_zero_says_so(planted, tmp_path, capsys):
+    """Diff mode onto a re-ordered base writes B (α = 0); the terminal and report.md say so instead of
+    counting B's tensors as "unchanged (zero task vector there …)"."""
+    out = tmp_path / "out"
+    assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
+                 str(planted / "Bp"), "-o", str(out), "--mode", "diff", "--probe-count", "8",
+                 "--probe-length", "16"]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["alpha"] == 0 and rep["calibration"]["verdict"] == "does not carry over"
+    assert "try --mode rebasin" in printed
+    for text in (printed, (out / "report.md").read_text()):
+        assert "the task vector scaled by 0" in text and "zero task vector there" not in text
