@@ -24,12 +24,15 @@ fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
 Everything runs on ``transformers`` modules: module names can differ from checkpoint names,
 so tensors are matched to blocks by :func:`block_of`, which reads the same block from both.
 
-Cost: the probe forwards dominate (sampling the probes, the fine-tune's targets once, one
-forward of the candidate per α evaluated, 4–8, and the null model's). Models of
+Cost: the probe forwards dominate (sampling the probes, which gives the fine-tune's targets on
+sampled probes; other probes take one more forward for them; one forward of the candidate per α
+evaluated, 4–8, and the null model's). Models of
 :data:`BF16_MIN_PARAMS` parameters and more run those forwards in bfloat16 where this machine's
 bfloat16 GEMMs are at least :data:`BF16_SPEEDUP` times its float32 ones (CPUs with AMX or
 AVX512-BF16); B's values are kept exactly as loaded, δ in the forward dtype, and every sum
-``B + α·δ`` is formed in float32 and rounded once into the module. Both the fine-tune and the
+``B + α·δ`` is formed in float32 and rounded once into the module (the search evaluates only α's
+the forward dtype holds, ≤ 0.4% from the α asked for, whose sums take one fused add: see
+:meth:`Candidate.set`). Both the fine-tune and the
 candidate are rounded the same way, so D(α) keeps its minimum where B + α·δ meets A_ft; the
 rounding adds a small floor, far below the divergences compared. Memory: one model at a time
 (A_ft and τ, then B), see :func:`predicted_peak`.
@@ -51,13 +54,14 @@ from rebasin.errors import RebasinError
 from rebasin.estimate import estimate_calibration, gemm_rate
 from rebasin.hf import load_hf_model, module_spec, primary_output
 from rebasin.io.checkpoint import DTYPES, Checkpoint, open_checkpoint
-from rebasin.permutation import permute_tensor, random_perms
+from rebasin.permutation import has_rotations, permute_tensor, random_perms
 from rebasin.probes import Probes, cast_inputs, make_probes
 from rebasin.vocab import VocabMap
 
 ALPHA_MAX = 2.0
 PROBES_SMALL = (32, 128)  # synthetic probes (count, tokens each) by default
-PROBES_LARGE = (16, 64)  # ... for models of LARGE_PARAMS parameters and more (forwards cost ∝ parameters)
+PROBES_LARGE = (32, 32)  # ... for models of LARGE_PARAMS parameters and more: forwards cost ∝ parameters ×
+# tokens, and a sampling step costs about the same for 16 or 32 rows (it reads every weight once)
 LARGE_PARAMS = 100_000_000
 REFINE_STEPS = 5
 REFINE_TOL = 0.05  # α resolution of the refinement: D is flat to a fraction of a percent within it
@@ -91,6 +95,11 @@ def forward_dtype(n_params: int) -> torch.dtype:
         return torch.float32
     fast = gemm_rate("cpu", torch.bfloat16) >= BF16_SPEEDUP * gemm_rate("cpu", torch.float32)
     return torch.bfloat16 if fast else torch.float32
+
+
+def representable(alpha: float, dtype: torch.dtype) -> float:
+    """``alpha`` rounded to the nearest value of ``dtype``."""
+    return float(torch.tensor(alpha, dtype=torch.float64).to(dtype))
 
 
 def block_of(name: str) -> str:
@@ -177,23 +186,37 @@ class Candidate:
             if p.dtype == dtype:
                 p.data = p.detach().clone()
         module.to(dtype)
+        self.dtype = dtype
         self.delta = delta
         self.blocks = sorted({block_of(k) for k in delta})
         # float32 copies of a slice of base and δ: small enough to stay in cache, allocated once
         self.scratch = (torch.empty(SET_SLICE), torch.empty(SET_SLICE))
 
+    def representable(self, alpha: float) -> float:
+        """``alpha`` rounded to the nearest value the module's dtype holds (≤ 0.4% away in bfloat16),
+        which :meth:`set` sums in one fused step (see there): the search evaluates only such α's.
+        A float32 module sums every α that way: α is returned as it is."""
+        return alpha if self.dtype == torch.float32 else representable(alpha, self.dtype)
+
     @torch.no_grad()
     def set(self, alpha: float | Mapping[str, float],
             transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Parameters ← ``base + α·δ`` (``transform(name, δ)`` in place of δ when given, tensor by tensor),
-        summed in float32 — slice by slice, both converted first (mixed-dtype in-place sums take a slow
-        path) — and rounded once (a bfloat16 sum would round α itself)."""
+        summed in float32 and rounded once into the module's dtype.
+
+        One fused ``torch.add`` when the operands' common dtype is float32 (exact), or when α is a
+        value of their narrower common dtype (:meth:`representable`: α is used unrounded; a rare
+        element, about one in 10⁵, gets α·δ rounded to its last place first). Any other α (a
+        bfloat16 sum would round α itself, moving every element) is summed in float32 slice by
+        slice, both operands converted first.
+        """
         for k, d in self.delta.items():
             a = float(alpha if isinstance(alpha, (int, float)) else alpha.get(block_of(k), 0.0))
             if transform is not None:
                 d = transform(k, d)
             p, base = self.params[k], self.base[k]
-            if p.dtype == base.dtype == d.dtype == torch.float32:
+            compute = torch.promote_types(base.dtype, d.dtype)
+            if compute == torch.float32 or a == representable(a, compute):
                 torch.add(base, d, alpha=a, out=p)
                 continue
             flat_p, flat_b, flat_d = p.detach().view(-1), base.reshape(-1), d.reshape(-1)
@@ -226,7 +249,8 @@ def bridge_vocab(probes: Probes, vocab: VocabMap, seed: int) -> tuple[Probes, Pr
 
 
 class Teacher:
-    """The fine-tune's output distributions on the probes, computed once, chunk by chunk.
+    """The fine-tune's output distributions on the probes, computed once, chunk by chunk (or taken
+    from the logits the fine-tune sampled the probes with).
 
     With a vocabulary change the candidate reads ``student`` (B's token ids) and, where the
     output axis is the vocabulary, both distributions are restricted to the shared tokens.
@@ -241,13 +265,17 @@ class Teacher:
         self.targets: list[torch.Tensor] = []  # KL: probabilities p; NMSE: features
         self.neg_entropy: list[torch.Tensor] = []  # KL: Σ p·log p per position
         self.kind = "kl"
+        known = probes.logits if vocab is None else None  # the sampler's logits: A_ft's outputs already
         with torch.no_grad():
             for sl in self.slices():
-                out = model(**cast_inputs(self.probes.batch(sl).inputs, self.dtype))
-                has_logits = getattr(out, "logits", None) is not None or getattr(out, "logits_per_image", None) \
-                    is not None
+                if known is not None:
+                    has_logits, y = True, known[sl].float()
+                else:
+                    out = model(**cast_inputs(self.probes.batch(sl).inputs, self.dtype))
+                    has_logits = getattr(out, "logits", None) is not None or \
+                        getattr(out, "logits_per_image", None) is not None
+                    y = self._shared(primary_output(out).float(), "a")
                 self.kind = "kl" if has_logits else "nmse"
-                y = self._shared(primary_output(out).float(), "a")
                 if has_logits:
                     logp = torch.log_softmax(y, dim=-1)
                     y = logp.exp()
@@ -412,7 +440,7 @@ def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, fami
     sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
 
     def moved(name: str, d: torch.Tensor) -> torch.Tensor:
-        return permute_tensor(spec, name, d.float(), sigma) if name in spec.axes else d
+        return permute_tensor(spec, name, d, sigma) if name in spec.axes else d  # a gather: exact in any dtype
     return _evaluate(cand, teacher, alpha, transform=moved)
 
 
@@ -461,15 +489,19 @@ def task_vector(ft: torch.nn.Module, a_dir: Path, family: str, perms: Mapping[st
             v = a_state.pop(k, None)
             return v if v is not None and v.shape == ft_params[k].shape and v.is_floating_point() else None
     spec = module_spec(ft, family, where=a_dir) if perms is not None else None
+    gathers_only = perms is not None and not has_rotations(perms)
     tau: dict[str, torch.Tensor] = {}
     for k, p in ft_params.items():
         a = a_value(k)
         if a is None:
             continue
-        d = p.float() - a
-        if spec is not None and k in spec.axes:
-            d = permute_tensor(spec, k, d, perms)
-        tau[k] = d.to(store)
+        d = torch.sub(p, a.float())  # float32: exact, without a float32 copy of p
+        if spec is None or k not in spec.axes:
+            tau[k] = d.to(store)
+        elif gathers_only:  # a gather commutes with rounding: move the narrower tensor
+            tau[k] = permute_tensor(spec, k, d.to(store), perms)
+        else:
+            tau[k] = permute_tensor(spec, k, d, perms).to(store)
     return tau
 
 
@@ -547,6 +579,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
     chunk = chunk_size(len(probes), per_seq, getattr(ft.config, "vocab_size", None) or 1024)
     teacher = Teacher(ft, probes, chunk, vocab, seed)
+    probes.logits = None
     del ft
     lap("teacher")
     b = load_hf_model(new_base, what=what, dtype=load_dtype(b_checkpoint, dtype))
@@ -561,7 +594,8 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
 
-    def f(a: float) -> float:
+    def f(a: float, exact: bool = False) -> float:
+        a = a if exact else cand.representable(a)
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
             curve[a] = _evaluate(cand, teacher, a)
@@ -580,7 +614,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             fit, held = list(range(0, n, 2)), list(range(1, n, 2))
             layer_steps = layer_steps or LAYER_STEPS
             fitted = _fit_layers(cand, teacher, chosen, kl_chosen, fit, layer_steps, progress)
-            per_block = dict(zip(cand.blocks, (float(x) for x in fitted), strict=True))
+            per_block = dict(zip(cand.blocks, (cand.representable(float(x)) for x in fitted), strict=True))
             held_global = _evaluate(cand, teacher, chosen, held)
             held_layer = _evaluate(cand, teacher, per_block, held)
             kept = held_layer < held_global
@@ -591,7 +625,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                 kl_chosen = _evaluate(cand, teacher, per_block)
     else:
         for a in sorted({0.0, 1.0, float(alpha)}):
-            f(a)
+            f(a, exact=True)
         chosen = float(alpha)
         kl_chosen = curve[chosen]
     kl_base = curve[0.0]

@@ -301,15 +301,18 @@ def estimate_calibration(n_params: int, largest: int, ft_bytes: int, b_bytes: in
     """Peak RSS of α calibration (:mod:`rebasin.calibrate`), which holds one model at a time where it can.
 
     First A_ft (``ft_bytes`` per parameter as loaded) and τ (``forward_bytes``), with four float32
-    copies of the largest tensor while τ is formed (A_ft's, A's, their difference, its permutation);
-    then B's values as loaded (``b_bytes``), B's module (``forward_bytes``), δ, the fine-tune's
-    targets (``positions × vocab × target_bytes``) and either the null model's σ(δ) of one tensor
-    or one probe chunk's outputs.
+    copies of the largest tensor while τ is formed (A_ft's, A's, their difference, its permutation),
+    then beside them the sampler's logits (``positions × vocab × forward_bytes``), the fine-tune's
+    targets made from them (``positions × vocab × target_bytes``) and one chunk's float32
+    temporaries; then B's values as loaded (``b_bytes``), B's module (``forward_bytes``), δ, the
+    targets and either the null model's σ(δ) of one tensor or one probe chunk's outputs.
     """
-    first = n_params * (ft_bytes + forward_bytes) + 4 * 4 * largest
     targets = positions * vocab * target_bytes
+    chunk_temps = LOGIT_TEMPS * 4 * chunk_positions * vocab
+    first = n_params * (ft_bytes + forward_bytes) + max(4 * 4 * largest,
+                                                        positions * vocab * forward_bytes + targets + chunk_temps)
     second = (n_params * (b_bytes + 2 * forward_bytes) + targets
-              + max(2 * 4 * largest, LOGIT_TEMPS * 4 * chunk_positions * vocab))
+              + max(2 * 4 * largest, chunk_temps))
     return int((CALIB_BASE_RSS + max(first, second)) * ALLOC_SLACK)
 
 

@@ -45,12 +45,15 @@ class Probes:
         kind: "sampled", "masked", "random-tokens", "noise-images", "clip", or "user".
         positions: optional bool mask ``(n, seq)`` of the output positions to compare
             (masked positions of a masked LM); None compares every position.
+        logits: the sampling model's own logits ``(n, seq, vocab)`` (its dtype) when it drew the
+            probes (sampled probes): its outputs on them, already computed.
     """
 
     inputs: dict[str, torch.Tensor]
     kind: str
     positions: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -91,10 +94,18 @@ class _InverseCdfSampler:
     token: ``torch.multinomial`` spends most of a small model's step drawing an exponential variate
     per vocabulary entry."""
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, keep: list[torch.Tensor] | None = None,
+                 dtype: torch.dtype = torch.float32, never: list[int] | None = None) -> None:
         self.generator = generator
+        self.keep, self.dtype = keep, dtype  # each step's logits (batch, vocab) go to ``keep`` in ``dtype``
+        self.never = never or []  # token ids never drawn (end of sequence: probes have a fixed length)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.keep is not None:
+            self.keep.append(scores.to(self.dtype, copy=True))
+        if self.never:
+            scores = scores.clone()
+            scores[:, self.never] = -math.inf
         cdf = torch.softmax(scores.float(), dim=-1).cumsum_(-1)  # (batch, vocab)
         u = torch.rand((cdf.shape[0], 1), generator=self.generator).to(cdf.device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
@@ -102,7 +113,9 @@ class _InverseCdfSampler:
 
 
 def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -> Probes:
-    """``count`` sequences of ``length`` tokens sampled from a causal LM at temperature 1."""
+    """``count`` sequences of ``length`` tokens sampled from a causal LM at temperature 1, with the
+    model's logits at each of their positions (the step that draws token ``t + 1`` computes position
+    ``t``'s: one step past ``length`` gives the last position's, and its token is dropped)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     cfg = model.config
@@ -115,19 +128,29 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
     else:
         start = torch.randint(0, vocab, (count, 1), generator=gen)
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    logits: list[torch.Tensor] = []
     # the model's own generation defaults (repetition penalty, top-p, ...) would change the
     # distribution sampled from, and generate() merges them into any config passed to it
+    # (end-of-sequence is never drawn, so every row runs to ``length``; the sampler masks it itself,
+    # after keeping the raw logits, where min_new_tokens would mask them)
     saved = model.generation_config
-    model.generation_config = GenerationConfig(eos_token_id=getattr(saved, "eos_token_id", None))
+    eos = getattr(saved, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else [int(e) for e in eos or []]
+    never = [e for e in eos if 0 <= e < vocab]
+    model.generation_config = GenerationConfig(eos_token_id=eos or None)
     try:
         with torch.no_grad():
             ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
-                                 do_sample=False, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                                 do_sample=False, max_new_tokens=length,
                                  pad_token_id=bos if isinstance(bos, int) else 0,
-                                 logits_processor=LogitsProcessorList([_InverseCdfSampler(gen)]))
+                                 logits_processor=LogitsProcessorList([_InverseCdfSampler(gen, logits, dtype,
+                                                                                          never)]))
     finally:
         model.generation_config = saved
-    return Probes({"input_ids": ids.cpu()}, "sampled", meta={"length": length, "temperature": 1.0, "seed": seed})
+    return Probes({"input_ids": ids[:, :length].cpu()}, "sampled",
+                  meta={"length": length, "temperature": 1.0, "seed": seed},
+                  logits=torch.stack(logits[:length], dim=1).cpu())
 
 
 def _mask_token(model_dir: Path | None, config: Any) -> int | None:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import CASES, save_like
 
-from rebasin.calibrate import block_of, calibrate
+from rebasin.calibrate import Candidate, block_of, calibrate, representable
 from rebasin.cli import main
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, random_perms
@@ -63,6 +63,40 @@ def test_bfloat16_forwards_recover_the_planted_alpha(planted):
     assert c.dtype == "bfloat16"
     assert abs(c.alpha - 0.5) < 0.05, c.curve
     assert c.verdict == "carries over" and c.kl_chosen < 0.05 * c.kl_base
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.5, 0.37, representable(0.37, torch.bfloat16), 1.7])
+def test_candidate_sums_in_float32_and_rounds_once(base_dtype, alpha):
+    """set() gives the float32 sum rounded once into the module's bfloat16: exactly on the float32 paths
+    (a float32 base; an α bfloat16 cannot hold), and up to a last-place rounding of α·δ on a rare
+    element when a bfloat16 base meets a bfloat16-valued α (one fused bfloat16 add)."""
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Linear(700, 900).to(base_dtype)  # 630k weights: several set() slices
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    delta = {k: (0.05 * torch.randn(p.shape, generator=g)).bfloat16() for k, p in module.named_parameters()}
+    base = {k: p.detach().clone() for k, p in module.named_parameters()}
+    cand = Candidate(module, delta, torch.bfloat16)
+    cand.set(alpha)
+    fused = base_dtype == torch.bfloat16 and alpha == representable(alpha, torch.bfloat16)
+    for k, p in module.named_parameters():
+        want = torch.add(base[k].float(), delta[k].float(), alpha=alpha).bfloat16()
+        assert p.dtype == torch.bfloat16
+        if not fused:
+            assert torch.equal(p, want), k
+            continue
+        off = p != want
+        assert off.float().mean() < 1e-5, k
+        ulp = (want.float().abs() * 2.0 ** -7).clamp_min(1e-30)
+        assert ((p.float() - want.float()).abs() <= ulp)[off].all(), k
+    # control: a bfloat16 sum rounds an α bfloat16 cannot hold, so the float32 slices are needed there
+    if base_dtype == torch.bfloat16 and alpha != representable(alpha, torch.bfloat16):
+        summed = torch.add(base["weight"], delta["weight"], alpha=alpha)
+        assert (summed != torch.add(base["weight"].float(), delta["weight"].float(), alpha=alpha).bfloat16()
+                ).float().mean() > 1e-3
+    assert cand.representable(0.37) == representable(0.37, torch.bfloat16) != 0.37
 
 
 def test_forward_dtype_policy(monkeypatch):
@@ -190,6 +224,19 @@ def test_probes_are_deterministic_per_seed():
     assert torch.equal(p1.inputs["input_ids"], p2.inputs["input_ids"])
     vit = CASES["vit"].build()
     assert make_probes(vit, count=4, seed=0).inputs["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def test_sampled_probes_carry_the_samplers_logits_at_every_position():
+    """The teacher reuses the logits the fine-tune sampled with: they are its full forward's, position for
+    position (control: the same logits shifted by one position are not)."""
+    model = CASES["llama"].build().eval()
+    probes = make_probes(model, count=3, length=10, seed=4)
+    ids = probes.inputs["input_ids"]
+    assert probes.logits is not None and probes.logits.shape == (3, 10, model.config.vocab_size)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+    assert torch.allclose(probes.logits, full, atol=1e-4)
+    assert not torch.allclose(probes.logits[:, 1:], full[:, :-1], atol=1e-2)
 
 
 def test_blocks_agree_between_checkpoint_and_module_names():
