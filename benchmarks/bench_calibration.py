@@ -11,7 +11,7 @@ In one process, after importing transformers and its Llama and Qwen2 modeling co
 own; a fresh ``rebasin transfer`` pays it once, in a thread beside the match): ``match(A, B)``, then
 ``calibrate(..., alpha="auto")`` with π from that match, with today's defaults (probe size by
 model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are fast) and with the previous
-defaults (32 × 128 probes, float32 forwards); then the same match and calibration (today's
+default probe shape (16 × 64: the same tokens in twice the sampling steps); then the same match and calibration (today's
 defaults) onto ``B'``. Each record: wall seconds, the α found, evaluations, the forward dtype,
 probes, the verdict, seconds per phase, the ratio calibration / match, and the process's peak RSS
 while calibrating (sampled every 20 ms; RSS before it beside) next to the transfer's prediction
@@ -92,8 +92,7 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
     params = open_model(dirs["A"]).checkpoint.numel()
     cases = [("defaults", {})]
     if previous:
-        cases.append(("previous defaults (32 x 128, float32)",
-                      {"probe_count": 32, "probe_length": 128, "dtype": torch.float32}))
+        cases.append(("16 x 64 probes (the previous default shape)", {"probe_count": 16, "probe_length": 64}))
     records = []
     for label, options in cases:
         rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),

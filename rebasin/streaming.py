@@ -39,10 +39,43 @@ def return_freed_memory() -> None:
     if _MALLOPT_SET or os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
         return
     _MALLOPT_SET = True
+    _mallopt(mmap_threshold=1 << 20, trim_threshold=128 << 10)
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> None:
+    """glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (fixed values: glibc stops adapting them)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Within the block, glibc keeps freed buffers for reuse: up to 32 MiB each (its largest mmap
+    threshold) and 512 MiB at the top of the heap; on exit the streaming setting of
+    :func:`return_freed_memory` is in force and the kept memory is handed back.
+
+    For work that allocates the same large temporaries over and over — calibration's forwards
+    (activations, logits): with every buffer of 1 MiB and more a fresh mapping, each use
+    page-faults it in again (a 125 M calibration took 7.4 s that way, 5.2 s reusing). Skipped
+    when the user set ``MALLOC_MMAP_THRESHOLD_``.
+    """
+    global _MALLOPT_SET
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        yield
+        return
+    _mallopt(mmap_threshold=32 << 20, trim_threshold=512 << 20)
+    try:
+        yield
+    finally:
+        _MALLOPT_SET = True
+        _mallopt(mmap_threshold=1 << 20, trim_threshold=128 << 10)
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def row_chunks(shape: tuple[int, ...] | torch.Size, elems: int | None = None) -> Iterator[tuple[int, int]]:

@@ -36,8 +36,8 @@ class Recipe:
     images (ViT). ``base_*`` trains A (and the independent B) from scratch, ``continue_*`` trains
     A further into the same-lineage B, ``ft_*`` fine-tunes a base on the sub-task; ``ft_replay``
     of each fine-tune batch is general-task data (replay, as fine-tunes that must keep what the
-    base could do are trained), so the fine-tunes learn the sub-task without forgetting the
-    general one.
+    base could do are trained) and the learning rate decays (``ft_schedule``), so the fine-tunes
+    learn the sub-task without forgetting the general one.
     """
 
     family: str
@@ -55,7 +55,8 @@ class Recipe:
     continue_lr: float = 1.5e-3
     ft_steps: int = 150
     ft_lr: float = 1e-3
-    ft_replay: float = 0.5
+    ft_replay: float = 0.75
+    ft_schedule: str = "cosine"
     weight_decay: float = 0.01
     warmup: float = 0.05
     mask_rate: float = 0.15

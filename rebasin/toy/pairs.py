@@ -9,7 +9,8 @@ kind               new base B
 ``independent``    (c) another seed trained from scratch on the general task
 =================  ===========================================================================
 
-A_ft is A fine-tuned on the sub-task with general-task replay (``Recipe.ft_replay``); B_ft is B
+A_ft is A fine-tuned on the sub-task with general-task replay and a decaying learning rate
+(``Recipe.ft_replay``, ``ft_schedule``); B_ft is B
 fine-tuned the same way (same steps, learning rate, replay and data order): the upper bound of a
 transfer. For (b), B_ft is π applied to (a)'s B_ft.
 Seeds: A is initialised with ``seed``; the independent B with ``seed + 1000``; data orders use
@@ -132,7 +133,7 @@ class _Builder:
 
     def finetune(self, name: str, parent: tuple[Path, dict[str, Any]], seed: int) -> tuple[Path, dict[str, Any]]:
         r = self.r
-        return self.further(name, parent, "finetune", "sub", r.ft_steps, r.ft_lr, seed + 3000, "constant",
+        return self.further(name, parent, "finetune", "sub", r.ft_steps, r.ft_lr, seed + 3000, r.ft_schedule,
                             r.ft_replay)
 
     def permuted(self, name: str, parent: tuple[Path, dict[str, Any]], perms: dict[str, torch.Tensor],
