@@ -52,13 +52,13 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
     from rebasin.toy import FAMILIES, KINDS, build_pair_set, recipe
     from rebasin.toy.evaluate import evaluate
     from rebasin.toy.train import pick_threads
-    from rebasin.toy.transfers import AUTO, FIXED, LAYER, PERM_ONLY, run_kind
+    from rebasin.toy.transfers import AUTO, FIXED, LAYER, PERM_ONLY, TRANSFERRED, run_kind
 
     del device  # CPU study: the models are tiny
     torch.set_num_threads(pick_threads(2))
     _log(f"torch threads: {torch.get_num_threads()}")
     n_seeds = seeds if seeds is not None else (1 if quick else 2)
-    methods = FIXED + AUTO + PERM_ONLY + (() if quick else LAYER)
+    methods = FIXED + AUTO + TRANSFERRED + PERM_ONLY + (() if quick else LAYER)
     preset = "quick" if quick else "full"
     raw: list[dict[str, Any]] = []
     t_all = time.perf_counter()
@@ -205,6 +205,7 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 rec = by.get((fam, kind, m))
                 cells.append("" if rec is None else ("failed" if "error" in rec else _pm(rec, "recovered", ".0%")))
             lines.append(f"| {fam} | {KIND_LABELS[kind]} | " + " | ".join(cells) + " |")
+    lines += target_section(by)
     lines += symmetries_section(by)
     lines += ["", "## Was the verdict right? (seeds where it held / seeds)", "",
               "| family | " + " | ".join(KIND_LABELS[k] for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]
@@ -241,6 +242,32 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 f"{r['alpha']:.2f}" if "alpha" in r else "", r.get("verdict", ""), r.get("verdict_right", ""),
                 f"{r['calib_s']:.1f}" if "calib_s" in r else ""]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def target_section(by: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
+    """Markdown: calibration imitating A_ft (the default) vs A_ft's change carried onto B (``→B``)."""
+    from rebasin.toy import FAMILIES, KIND_LABELS, KINDS
+
+    lines = ["", "## Calibration target: A_ft itself vs the fine-tune's change carried onto B "
+             "(`--alpha-target transferred`, rows marked →B)", "",
+             "Means over seeds; cost on B's task as in the family tables (loss: nats/char; ViT: points); right: "
+             "seeds where the verdict held.", "",
+             "| family | kind | mode | gain A_ft | gain →B | α A_ft | α →B | cost A_ft | cost →B | right A_ft "
+             "| right →B |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for fam in FAMILIES:
+        for kind in KINDS:
+            for mode in ("diff", "rebasin"):
+                plain, moved = by.get((fam, kind, f"{mode} auto")), by.get((fam, kind, f"{mode} auto →B"))
+                if not plain or not moved or "error" in plain or "error" in moved:
+                    continue
+                scale, fmt = (100.0, ".1f") if plain["metric"] == "accuracy" else (1.0, ".3f")
+                lines.append(f"| {fam} | {KIND_LABELS[kind]} | {mode} | {_pm(plain, 'recovered', '.0%')} | "
+                             f"{_pm(moved, 'recovered', '.0%')} | {_pm(plain, 'alpha', '.2f')} | "
+                             f"{_pm(moved, 'alpha', '.2f')} | {_pm(plain, 'cost', fmt, scale)} | "
+                             f"{_pm(moved, 'cost', fmt, scale)} | {plain.get('verdict_right', '')} | "
+                             f"{moved.get('verdict_right', '')} |")
+    return lines
 
 
 def symmetries_section(by: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:

@@ -11,6 +11,13 @@ with logits, normalised mean squared error of the output features for headless m
 D(0) is B's own divergence, so the chosen α never leaves the output further from the
 fine-tune than B is, and ``1 − D(α*)/D(0)`` measures what carried over.
 
+Target ``transferred`` (``--alpha-target``): the candidate imitates T, the fine-tune's change
+carried over in output space, ``log p_T(x) = log p_B(x) + log p_Aft(x) − log p_A(x)``
+(renormalised; features: ``f_B + f_Aft − f_A``), instead of A_ft itself. Where the fine-tune
+did not act, T is B, so keeping B's own behaviour there is not penalised, and D(0) measures the
+fine-tune's change in B's frame rather than everything that tells A_ft from B (a whole other
+training run, between independent bases). It costs one more forward, of A.
+
 * ``auto``: D at α = 0, ½, 1, then a bracket of the minimum inside [0, :data:`ALPHA_MAX`] (D(2)
   when D still falls at 1, D(¼) when it rises from 0), then parabolic refinement to
   :data:`REFINE_TOL` (golden-section steps where a parabola is unusable) — 4 to 8 forwards for
@@ -42,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,8 @@ LAYER_LR = 0.03
 LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
 SET_SLICE = 1 << 18  # elements per float32 slice when the candidate's parameters are set (1 MiB)
 LOGIT_BUDGET = 1 << 28  # bytes of teacher probabilities kept in float32 (else bfloat16)
+TINY_PROB = 1e-30  # probabilities are floored here before their logs (a token both models rule out)
+TARGETS = ("finetune", "transferred")  # what the candidate is made to imitate (see the module docstring)
 BF16_MIN_PARAMS = 50_000_000  # smaller models: float32 forwards (cheap, and identical on every CPU)
 BF16_SPEEDUP = 2.0  # bfloat16 forwards only where bfloat16 GEMMs run at least this much faster
 _LAYER = re.compile(r"\.(\d+)(?=\.)")
@@ -137,6 +146,7 @@ class Calibration:
         dtype: the dtype of the probe forwards ("float32" or "bfloat16").
         phases: seconds per phase: load (the fine-tune and the task vector), probes, teacher (the
             fine-tune's targets), base (B), search (the α evaluations, and the per-layer fit), null.
+        target: "finetune" (D compares with A_ft) or "transferred" (with A_ft's change applied to B).
     """
 
     alpha: float
@@ -157,6 +167,7 @@ class Calibration:
     seconds: float
     dtype: str = "float32"
     phases: dict[str, float] | None = None
+    target: str = "finetune"
 
     def alpha_of(self, tensor: str) -> float:
         """The α a checkpoint (or module) tensor receives."""
@@ -267,29 +278,64 @@ class Teacher:
         self.neg_entropy: list[torch.Tensor] = []  # KL: Σ p·log p per position
         self.kind = "kl"
         known = probes.logits if vocab is None else None  # the sampler's logits: A_ft's outputs already
-        with torch.no_grad():
-            for sl in self.slices():
-                if known is not None:
-                    has_logits, y = True, known[sl].float()
-                else:
-                    out = model(**cast_inputs(self.probes.batch(sl).inputs, self.dtype))
-                    has_logits = getattr(out, "logits", None) is not None or \
-                        getattr(out, "logits_per_image", None) is not None
-                    y = self._shared(primary_output(out).float(), "a")
-                self.kind = "kl" if has_logits else "nmse"
-                if has_logits:
-                    logp = torch.log_softmax(y, dim=-1)
-                    y = logp.exp()
-                    self.neg_entropy.append((y * logp).sum(-1))
-                self.targets.append(y)
-        total = sum(t.numel() for t in self.targets) * 4
-        if total > LOGIT_BUDGET:
+        outputs = ((i, known[sl].float(), True) for i, sl in enumerate(self.slices())) if known is not None \
+            else self._outputs(model, "a")
+        for _, y, has_logits in outputs:
+            self.kind = "kl" if has_logits else "nmse"
+            if has_logits:
+                logp = torch.log_softmax(y, dim=-1)
+                y = logp.exp()
+                self.neg_entropy.append((y * logp).sum(-1))
+            self.targets.append(y)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Store the targets within :data:`LOGIT_BUDGET` (else in bfloat16), then Σ p per position as
+        stored (1 up to that rounding: keeps D(α) an exact cross-entropy), or the features' scale."""
+        if sum(t.numel() for t in self.targets) * 4 > LOGIT_BUDGET:
             self.targets = [t.to(torch.bfloat16) for t in self.targets]
-        # Σ p per position as stored (1 up to bfloat16 rounding): keeps D(α) an exact cross-entropy
         self.mass = [t.float().sum(-1) for t in self.targets] if self.kind == "kl" else []
         if self.kind == "nmse":
             allv = torch.cat([t.flatten(0, -2) for t in self.targets]).float()
             self.scale = float(allv.var(dim=0).mean().clamp_min(1e-12))
+
+    @torch.no_grad()
+    def _outputs(self, model: torch.nn.Module, side: str) -> Iterator[tuple[int, torch.Tensor, bool]]:
+        """(chunk index, float32 output ``(chunk, ..., out)`` on the shared vocabulary, whether it is logits)
+        of ``model`` on the probes: ``side`` "a" reads A's token ids (A, A_ft), "b" B's."""
+        probes = self.probes if side == "a" else self.student
+        dtype = next(model.parameters()).dtype
+        for i, sl in enumerate(self.slices()):
+            out = model(**cast_inputs(probes.batch(sl).inputs, dtype))
+            has_logits = getattr(out, "logits", None) is not None or getattr(out, "logits_per_image", None) \
+                is not None
+            yield i, self._shared(primary_output(out).float(), side), has_logits
+
+    def subtract(self, model: torch.nn.Module) -> None:
+        """Targets ← the fine-tune's change over ``model`` (its old base A), position by position:
+        ``r = log p_ft − log p_A`` (logits) or ``f_ft − f_A`` (features). :meth:`onto` applies it to B."""
+        floor = math.log(TINY_PROB)
+        for i, y, _ in self._outputs(model, "a"):
+            t = self.targets[i]
+            if self.kind == "kl":
+                r = t.float().clamp_min(TINY_PROB).log_() - torch.log_softmax(y, dim=-1).clamp_min(floor)
+            else:
+                r = t.float() - y
+            self.targets[i] = r.to(t.dtype)
+
+    def onto(self, model: torch.nn.Module) -> None:
+        """Targets ← ``model``'s (B's) outputs moved by the stored change (:meth:`subtract`): the fine-tune
+        carried over in output space, ``log p_T = log p_B + r`` renormalised (logits) or ``f_B + r``."""
+        for i, y, _ in self._outputs(model, "b"):
+            r = self.targets[i].float()
+            if self.kind == "kl":
+                logp = torch.log_softmax(torch.log_softmax(y, dim=-1) + r, dim=-1)
+                p = logp.exp()
+                self.neg_entropy[i] = (p * logp).sum(-1)
+                self.targets[i] = p
+            else:
+                self.targets[i] = y + r
+        self._settle()
 
     def slices(self) -> list[slice]:
         n = len(self.probes)
@@ -446,8 +492,9 @@ def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, fami
 
 
 def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = None,
-                   probe_length: int | None = None) -> int:
-    """Peak RSS of :func:`calibrate` on these models (:func:`rebasin.estimate.estimate_calibration`)."""
+                   probe_length: int | None = None, old_base: Path | None = None) -> int:
+    """Peak RSS of :func:`calibrate` on these models (:func:`rebasin.estimate.estimate_calibration`);
+    ``old_base`` when the target is "transferred" (A then runs beside τ, as A_ft did)."""
     from rebasin.lora import is_adapter_dir
 
     b = open_checkpoint(new_base)
@@ -459,6 +506,8 @@ def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = No
     chunk = chunk_size(count, length, vocab)
     positions = count * length
     ft_bytes = 4 if is_adapter_dir(finetuned) else load_dtype(open_checkpoint(finetuned), dtype).itemsize
+    if old_base is not None:
+        ft_bytes = max(ft_bytes, load_dtype(open_checkpoint(old_base), dtype).itemsize)
     return estimate_calibration(n, max(i.numel for i in b.tensors.values()), ft_bytes,
                                 load_dtype(b, dtype).itemsize, dtype.itemsize, positions, chunk * length,
                                 vocab, 4 if positions * vocab * 4 <= LOGIT_BUDGET else 2)
@@ -553,7 +602,7 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
               probe_data: str | Path | None = None, probe_count: int | None = None,
               probe_length: int | None = None,
               seed: int = 0, layer_steps: int | None = None, dtype: torch.dtype | None = None,
-              progress: bool = False) -> Calibration:
+              target: str = "finetune", progress: bool = False) -> Calibration:
     """Choose α (or check a given α) for ``B + α·π(A_ft − A)``; see the module docstring.
 
     Args:
@@ -565,7 +614,11 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         probe_count, probe_length: number and length of synthetic probe sequences (None:
             :data:`PROBES_SMALL`, or :data:`PROBES_LARGE` from :data:`LARGE_PARAMS` parameters).
         dtype: the probe forwards' dtype; None: :func:`forward_dtype` of B's size.
+        target: what the candidate imitates: "finetune" (A_ft's outputs) or "transferred" (B's
+            outputs moved by A_ft's change over A; A is then run on the probes too).
     """
+    if target not in TARGETS:
+        raise RebasinError(f"unknown calibration target '{target}' (choose from {', '.join(TARGETS)})")
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -589,6 +642,10 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     teacher = Teacher(ft, probes, chunk, vocab, seed)
     probes.logits = None
     del ft
+    if target == "transferred":
+        a_module = load_hf_model(Path(old_base), what=what, dtype=load_dtype(open_checkpoint(old_base), dtype))
+        teacher.subtract(a_module.to(dtype))
+        del a_module
     lap("teacher")
     b = load_hf_model(new_base, what=what, dtype=load_dtype(b_checkpoint, dtype))
     delta = place_delta(tau, b, vocab)
@@ -597,6 +654,9 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         raise RebasinError("calibration found no tensor of the task vector in the new base's module",
                            file=new_base)
     cand = Candidate(b, delta, dtype)
+    if target == "transferred":
+        cand.set(0.0)
+        teacher.onto(cand.module)
     lap("base")
     curve: dict[float, float] = {}
 
@@ -657,5 +717,4 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                        kl_null=kl_null, null_reduction=null_reduction,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
                        probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0,
-                       phases=phases,
-                       dtype=str(dtype).removeprefix("torch."))
+                       phases=phases, dtype=str(dtype).removeprefix("torch."), target=target)

@@ -191,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "example a line) or a .safetensors of input tensors (default: sampled from the fine-tune for "
                    "causal LMs, synthetic otherwise)")
     p.add_argument("--probe-count", type=positive_int, metavar="N",
-                   help="probe examples (default 32; 16 for models of 100M parameters and more)")
+                   help="probe examples (default 32)")
     p.add_argument("--probe-length", type=positive_int, metavar="T",
-                   help="tokens per synthetic probe (default 128; 64 for models of 100M parameters and more)")
+                   help="tokens per synthetic probe (default 128; 32 for models of 100M parameters and more)")
+    p.add_argument("--alpha-target", choices=("finetune", "transferred"), default="finetune",
+                   help="what calibration makes the output imitate: finetune (default: A_ft itself) or "
+                        "transferred (B's outputs moved by the fine-tune's change over A: keeps B where the "
+                        "fine-tune did not act, sees gains between independent bases; one more forward, of A)")
     p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
                    "calibration's relative KL reduction over the new base is below X (e.g. 0.1)")
     p.add_argument("--no-verdict", action="store_true",
@@ -302,7 +306,7 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def format_transfer(report: dict[str, Any], output: Path) -> str:
     """What a finished transfer prints: what was written, the alignment and verification lines."""
-    from rebasin.report import tensor_counts
+    from rebasin.report import target_name, tensor_counts
 
     r = report
     lines = []
@@ -323,7 +327,8 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
     if not c and r.get("verdict_skipped"):
         lines.append(f"verdict: not measured ({r['verdict_skipped']})")
     if c:
-        lines.append(f"calibration: {c['divergence'].upper()}(A_ft ‖ B) {c['kl_base']:.4g} -> {c['kl_chosen']:.4g} "
+        lines.append(f"calibration: {c['divergence'].upper()}({target_name(c)} ‖ B) {c['kl_base']:.4g} -> "
+                     f"{c['kl_chosen']:.4g} "
                      f"at α = {c['alpha']:.3g} ({c['seconds']:.1f} s, {c['probes']['count']} {c['probes']['kind']} "
                      "probes)")
         lines.append(c["line"])
@@ -348,7 +353,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     result = transfer(args.old_base, args.finetuned, args.new_base, args.output, mode=args.mode, alpha=args.alpha,
                       perms=args.perms, solver=args.solver, max_sweeps=args.max_sweeps, seed=args.seed,
                       device=args.device, dtype=args.dtype, probe_data=args.probe_data, probe_count=args.probe_count,
-                      probe_length=args.probe_length, probe_seed=args.seed, require_gain=args.require_gain,
+                      probe_length=args.probe_length, probe_seed=args.seed, alpha_target=args.alpha_target,
+                      require_gain=args.require_gain,
                       check_alpha=not args.no_verdict, overwrite=args.overwrite, verify=args.verify,
                       dry_run=args.dry_run, progress=True, symmetries=args.symmetries, memory=args.memory)
     print(format_plan(result.report["plan"]) if args.dry_run else format_transfer(result.report, result.output))
@@ -380,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error("--no-verdict needs a numeric --alpha (auto and auto-layer are the calibration)")
     if getattr(args, "no_verdict", False) and args.require_gain is not None:
         args.parser.error("--require-gain needs the verdict that --no-verdict skips")
+    if getattr(args, "no_verdict", False) and getattr(args, "alpha_target", "finetune") != "finetune":
+        args.parser.error("--alpha-target is the calibration's, which --no-verdict skips")
     if getattr(args, "perms", None) and getattr(args, "mode", None) == "diff":
         args.parser.error("--perms applies to rebasin mode only (diff mode adds the task vector unpermuted)")
     if not getattr(args, "func", None):

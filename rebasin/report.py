@@ -47,10 +47,13 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
     if c:
         name = "KL" if c["divergence"] == "kl" else "NMSE"
         lines += ["", "## Calibration and verdict", "", f"**{c['line']}**", "",
-                  f"- {name}(A_ft ‖ B) = {c['kl_base']:.4g}; at the written α: {c['kl_chosen']:.4g} "
+                  f"- {name}({target_name(c)} ‖ B) = {c['kl_base']:.4g}; at the written α: {c['kl_chosen']:.4g} "
                   f"(relative reduction {c['reduction']:.1%})" + (f"; at α = 1: {c['kl_at_one']:.4g}"
                                                                     if c.get("kl_at_one") is not None else ""),
                   f"- probes: {c['probes']['count']} × {c['probes']['kind']}; {c['seconds']:.1f} s"]
+        if c.get("target") == "transferred":
+            lines.append("- target A_ft→B: B's outputs moved by the fine-tune's change over A "
+                         "(log p = log p_B + log p_A_ft − log p_A, renormalised)")
         if c.get("layer_fit"):
             f = c["layer_fit"]
             lines.append(f"- per-layer α {'kept' if f['kept'] else 'not kept'}: held-out {name} "
@@ -177,6 +180,11 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
     return True
 
 
+def target_name(calibration: dict[str, Any]) -> str:
+    """What calibration compared the output with: ``A_ft``, or ``A_ft→B`` (the fine-tune's change applied to B)."""
+    return "A_ft→B" if calibration.get("target") == "transferred" else "A_ft"
+
+
 def plot_alpha(path: Path, calibration: dict[str, Any]) -> bool:
     """Divergence of ``B + α·π(τ)`` from the fine-tune against α, with B's level and the chosen α."""
     try:
@@ -187,7 +195,8 @@ def plot_alpha(path: Path, calibration: dict[str, Any]) -> bool:
     except ImportError:
         return False
     xs, ys = zip(*calibration["curve"], strict=True)
-    name = "KL(A_ft ‖ output)" if calibration["divergence"] == "kl" else "NMSE(A_ft, output)"
+    t = target_name(calibration)
+    name = f"KL({t} ‖ output)" if calibration["divergence"] == "kl" else f"NMSE({t}, output)"
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot(xs, ys, "o-", color="#1f77b4", label=name)
     ax.axhline(calibration["kl_base"], color="#999999", ls="--", label="the new base B (α = 0)")

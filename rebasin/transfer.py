@@ -149,7 +149,7 @@ def memory_plan(a: Model, b: Model, mode: str, adapter: bool, perms_file: str | 
 def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: str | None,
          alpha: float | str, *, device: str = "auto", memory: float | None = None,
          calibration: Callable[[], int] | None = None, output: Path | None = None,
-         overwrite: bool = False) -> dict[str, Any]:
+         overwrite: bool = False, alpha_target: str = "finetune") -> dict[str, Any]:
     mem = memory_plan(a, b, mode, adapter, perms_file, device, memory, calibration)
     files = ([ADAPTER_CONFIG, "adapter_model.safetensors"] if adapter else ["model.safetensors (sharded + index "
              "when over the shard limit)"]) + [("tokenizer files from B" if adapter else
@@ -163,7 +163,8 @@ def plan(a: Model, b: Model, mode: str, adapter: bool, solver: str, perms_file: 
     return {
         "family": a.family, "mode": mode, "groups": len(a.spec.groups),
         "permutations": perms_file or (f"match A -> B with solver '{solver}'" if mode == "rebasin" else "none"),
-        "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, then B, as modules)"
+        "alpha": (f"{alpha}: calibrated on probe inputs (needs transformers; loads A_ft, "
+                  f"{'then A, ' if alpha_target == 'transferred' else ''}then B, as modules)"
                   if isinstance(alpha, str) else f"{alpha:g}"),
         "files": files,
         "peak_memory": mem["line"] + ("" if mem["fits"] else " — exceeds the budget: the run would be refused "
@@ -181,7 +182,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
              mode: str = "rebasin", alpha: float | str = "auto", perms: str | Path | None = None,
              solver: str = "auto", max_sweeps: int = 20, seed: int = 0, device: str = "auto", dtype: str = "auto",
              probe_data: str | Path | None = None, probe_count: int | None = None, probe_length: int | None = None,
-             probe_seed: int = 0, require_gain: float | None = None, check_alpha: bool = False,
+             probe_seed: int = 0, alpha_target: str = "finetune", require_gain: float | None = None,
+             check_alpha: bool = False,
              overwrite: bool = False, verify: bool = False, dry_run: bool = False,
              progress: bool = False, memory: float | None = None, symmetries: str = "full") -> TransferResult:
     """Write the fine-tune moved onto ``new_base`` to ``output`` (see module docstring).
@@ -189,7 +191,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     ``alpha``: "auto" (calibrated, see :mod:`rebasin.calibrate`), "auto-layer" (one α per layer),
     or a number; with a number and ``check_alpha`` the verdict is still measured (D(0), D(α)).
     ``require_gain``: refuse (exit 7, nothing written) when the calibrated relative divergence
-    reduction is below it. ``probe_*``: the calibration's probe inputs. ``memory``: budget in GiB
+    reduction is below it. ``probe_*``: the calibration's probe inputs; ``alpha_target``: what it
+    makes the output imitate ("finetune" or "transferred", see :mod:`rebasin.calibrate`). ``memory``: budget in GiB
     (default: what the machine has free); the predicted peak (``--dry-run`` shows it, and whether
     the match streams or caches) above it is refused before any work (RefusedError, exit 7).
     ``symmetries``: ``full`` (permutations and the within-head orthogonal maps) or ``perm``
@@ -201,6 +204,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     """
     if mode not in ("rebasin", "diff"):
         raise RebasinError(f"unknown mode '{mode}' (rebasin or diff)")
+    if alpha_target not in ("finetune", "transferred"):
+        raise RebasinError(f"unknown calibration target '{alpha_target}' (finetune or transferred)")
     alpha = check_alpha_value(alpha)
     output = Path(output)
     a, b = open_model(old_base), open_model(new_base)
@@ -235,14 +240,15 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
         from rebasin.calibrate import predicted_peak
 
         def calib_peak() -> int:
-            return predicted_peak(Path(finetuned), b.checkpoint.directory, probe_count, probe_length)
+            return predicted_peak(Path(finetuned), b.checkpoint.directory, probe_count, probe_length,
+                                  a.checkpoint.directory if alpha_target == "transferred" else None)
     perms_arg = str(perms) if perms else None
     if calibrates and not dry_run:
         prefetch_model_code(b.config)
     if dry_run:
         return TransferResult(output, {"plan": plan(a, b, mode, adapter, solver, perms_arg, alpha, device=device,
                                                     memory=memory, calibration=calib_peak, output=output,
-                                                    overwrite=overwrite)})
+                                                    overwrite=overwrite, alpha_target=alpha_target)})
     mem = memory_plan(a, b, mode, adapter, perms_arg, device, memory, calib_peak)
     return_freed_memory()
     if not mem["fits"]:
@@ -286,7 +292,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
 
         calibration = calibrate(a.checkpoint.directory, Path(finetuned), b.checkpoint.directory, a.family, perms=pi,
                                 alpha=alpha, vocab=vocab, probe_data=probe_data, probe_count=probe_count,
-                                probe_length=probe_length, seed=probe_seed, progress=progress)
+                                probe_length=probe_length, seed=probe_seed, target=alpha_target,
+                                progress=progress)
         if mode == "diff" and calibration.verdict == "does not carry over":
             calibration.line += ("; if B is A's lineage re-released in another unit order, or trained "
                                  "independently, try --mode rebasin")

@@ -159,6 +159,38 @@ def test_unrelated_base_gets_the_does_not_carry_over_verdict(planted, tmp_path, 
     assert c["line"] in printed
 
 
+def test_transferred_target_is_the_finetune_when_b_is_a(planted):
+    """log p_T = log p_B + log p_Aft − log p_A is A_ft's own distribution when B = A: both targets give
+    the same curve (control: onto another B they differ)."""
+    opts = {"perms": None, "alpha": "auto", "probe_count": 8, "probe_length": 16}
+    plain = calibrate(planted / "A", planted / "Aft", planted / "A", "llama", **opts)
+    moved = calibrate(planted / "A", planted / "Aft", planted / "A", "llama", target="transferred", **opts)
+    assert moved.target == "transferred" and plain.alpha == moved.alpha
+    for (a1, d1), (a2, d2) in zip(plain.curve, moved.curve, strict=True):
+        assert a1 == a2 and abs(d1 - d2) <= 1e-4 * max(d1, 1e-3), (plain.curve, moved.curve)
+    other = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", target="transferred", **opts)
+    assert abs(other.kl_base - calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts).kl_base) \
+        > 0.1 * other.kl_base
+
+
+def test_transferred_target_carries_the_whole_change_onto_b(planted, tmp_path, capsys):
+    """B = A + ½u, A_ft = A + u: imitating A_ft wants α = ½ (B + ½u = A_ft); carrying the fine-tune's
+    change u over onto B wants α ≈ 1. The CLI names the target; --no-verdict cannot take one."""
+    out = tmp_path / "out"
+    assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
+                 str(planted / "B"), "-o", str(out), "--mode", "diff", "--probe-count", "8", "--probe-length", "16",
+                 "--alpha-target", "transferred"]) == 0
+    c = json.loads((out / "report.json").read_text())["calibration"]
+    assert c["target"] == "transferred" and abs(c["alpha"] - 1.0) < 0.15, c["curve"]
+    assert c["verdict"] == "carries over" and "KL(A_ft→B ‖ B)" in capsys.readouterr().out
+    assert "A_ft→B" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
+              str(planted / "B"), "-o", str(tmp_path / "x"), "--alpha", "1", "--no-verdict",
+              "--alpha-target", "transferred"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
 def test_require_gain_refuses_with_exit_7_and_writes_nothing(planted, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",

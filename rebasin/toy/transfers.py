@@ -28,22 +28,27 @@ class Method:
     mode: str
     alpha: float | str
     symmetries: str = "full"
+    target: str = "finetune"  # the calibration's (``alpha_target``)
 
     @property
     def name(self) -> str:
         a = self.alpha if isinstance(self.alpha, str) else f"α={self.alpha:g}"
-        return f"{self.mode} {a}" + (" (perm only)" if self.symmetries == "perm" else "")
+        return (f"{self.mode} {a}" + (" (perm only)" if self.symmetries == "perm" else "")
+                + (" →B" if self.target == "transferred" else ""))
 
     @property
     def slug(self) -> str:
         a = self.alpha if isinstance(self.alpha, str) else f"a{self.alpha:g}"
-        return f"{self.mode}-{a}" + ("-perm" if self.symmetries == "perm" else "")
+        return (f"{self.mode}-{a}" + ("-perm" if self.symmetries == "perm" else "")
+                + ("-transferred" if self.target == "transferred" else ""))
 
 
 FIXED = (Method("diff", 1.0), Method("rebasin", 1.0))
 AUTO = (Method("diff", "auto"), Method("rebasin", "auto"))
 LAYER = (Method("diff", "auto-layer"), Method("rebasin", "auto-layer"))
 PERM_ONLY = (Method("rebasin", 1.0, "perm"), Method("rebasin", "auto", "perm"))  # --symmetries perm
+TRANSFERRED = (Method("diff", "auto", target="transferred"),  # --alpha-target transferred
+               Method("rebasin", "auto", target="transferred"))
 
 
 @dataclass
@@ -120,7 +125,7 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
         try:
             t = transfer(ps.A, ps.A_ft, b, dest, mode=m.mode, alpha=m.alpha, overwrite=True, progress=progress,
                          perms=perms_by.get(m.symmetries) if m.mode == "rebasin" else None,
-                         symmetries=m.symmetries, **(options or {}))
+                         symmetries=m.symmetries, alpha_target=m.target, **(options or {}))
         except Exception as exc:  # a method that fails is a result too: it is reported, the others still run
             row.update(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
             res.rows.append(row)
