@@ -11,12 +11,15 @@ In one process, after importing transformers and its Llama and Qwen2 modeling co
 own; a fresh ``rebasin transfer`` pays it once, in a thread beside the match): ``match(A, B)``, then
 ``calibrate(..., alpha="auto")`` with π from that match, with today's defaults (probe size by
 model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are fast) and with the previous
-default probe shape (16 × 64: the same tokens in twice the sampling steps); then the same match and calibration (today's
-defaults) onto ``B'``. Each record: wall seconds, the α found, evaluations, the forward dtype,
-probes, the verdict, seconds per phase, the ratio calibration / match, and the process's peak RSS
-while calibrating (sampled every 20 ms; RSS before it beside) next to the transfer's prediction
-(:func:`rebasin.calibrate.predicted_peak`, which assumes today's forward dtype). The planted pair is the match's easiest
-case (the row bound settles every solve); onto ``B'`` the match takes more sweeps.
+default probe shape (16 × 64: the same tokens in twice the sampling steps) and with the other
+target (``--alpha-target transferred``: A is loaded and run over the probes too); then the same
+match and calibration (today's defaults) onto ``B'``. Each record: wall seconds, the target, the α
+found, evaluations, the forward dtype, probes, the verdict, seconds per phase, the ratio
+calibration / match, and the process's peak RSS while calibrating (sampled every 20 ms; RSS before
+it beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_peak`, which
+assumes today's forward dtype). The planted pair is the match's easiest case (the row bound
+settles every solve); onto ``B'`` the match takes more sweeps. Run to run, on this shared 2-core
+machine, the same code varied by about ±20% (match and calibration alike).
 
 Then the same match and calibration (defaults) on the scale benchmark's planted Qwen2-0.5B-shaped
 pair (494M parameters, 151936-token vocabulary; ``--quick``: its tiny Qwen2): how the fraction
@@ -70,8 +73,9 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: st
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-    predicted = predicted_peak(dirs["Aft"], dirs["B"], options.get("probe_count"), options.get("probe_length"))
-    return {"calibrate_s": seconds, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
+    predicted = predicted_peak(dirs["Aft"], dirs["B"], options.get("probe_count"), options.get("probe_length"),
+                               dirs["A"] if options.get("target") == "transferred" else None)
+    return {"calibrate_s": seconds, "target": c.target, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
             "dtype": c.dtype, "probes": f"{c.probes['count']} x {c.probes.get('length', '?')}",
             "reduction": round(c.reduction, 4), "verdict": c.verdict,
             **{f"{k}_s": round(v, 2) for k, v in (c.phases or {}).items()},
@@ -93,6 +97,7 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
     cases = [("defaults", {})]
     if previous:
         cases.append(("16 x 64 probes (the previous default shape)", {"probe_count": 16, "probe_length": 64}))
+        cases.append(("--alpha-target transferred", {"target": "transferred"}))
     records = []
     for label, options in cases:
         rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),
