@@ -269,8 +269,9 @@ class Teacher:
     """
 
     def __init__(self, model: torch.nn.Module, probes: Probes, chunk: int, vocab: VocabMap | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, out_index: torch.Tensor | None = None) -> None:
         self.vocab = vocab
+        self.out_index = out_index  # a headless model's feature axis, A's basis → B's (:func:`output_index`)
         self.probes, self.student = bridge_vocab(probes, vocab, seed) if vocab is not None else (probes, probes)
         self.chunk = chunk
         self.dtype = next(model.parameters()).dtype
@@ -309,7 +310,10 @@ class Teacher:
             out = model(**cast_inputs(probes.batch(sl).inputs, dtype))
             has_logits = getattr(out, "logits", None) is not None or getattr(out, "logits_per_image", None) \
                 is not None
-            yield i, self._shared(primary_output(out).float(), side), has_logits
+            y = self._shared(primary_output(out).float(), side)
+            if side == "a" and not has_logits and self.out_index is not None and y.shape[-1] == len(self.out_index):
+                y = y.index_select(-1, self.out_index.to(y.device))
+            yield i, y, has_logits
 
     def subtract(self, model: torch.nn.Module) -> None:
         """Targets ← the fine-tune's change over ``model`` (its old base A), position by position:
@@ -479,6 +483,18 @@ def _verdict(alpha: float, reduction: float, null_reduction: float | None, reque
                                    "the output is B (α = 0)")
 
 
+def output_index(model: torch.nn.Module, family: str, perms: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+    """π's permutation of a headless model's output group — the axis of its output features — or None
+    (no π, or a head maps the residual stream back). A transfer lets π move that basis (the output
+    lives in B's), so A_ft's and A's features are gathered into B's basis before they are compared."""
+    if perms is None:
+        return None
+    fixed = module_spec(model, family).fixed_groups
+    if len(fixed) != 1 or fixed[0] not in perms or perms[fixed[0]].dim() != 1:
+        return None
+    return perms[fixed[0]]
+
+
 def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
                      alpha: float | Mapping[str, float], seed: int) -> float:
     """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict);
@@ -639,7 +655,7 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     lap("probes")
     per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
     chunk = chunk_size(len(probes), per_seq, getattr(ft.config, "vocab_size", None) or 1024)
-    teacher = Teacher(ft, probes, chunk, vocab, seed)
+    teacher = Teacher(ft, probes, chunk, vocab, seed, output_index(ft, family, perms))
     probes.logits = None
     del ft
     if target == "transferred":

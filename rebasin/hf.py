@@ -9,6 +9,7 @@ applies to the module unchanged.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,15 @@ from rebasin.errors import RebasinError
 from rebasin.io.checkpoint import ensure_finite
 from rebasin.specs import Spec, resolve_spec
 
+_prefetch: threading.Thread | None = None  # the import running in the background, if any
+
 
 def require_transformers(what: str) -> Any:
-    """Import transformers, or fail with a line saying which feature needs it."""
+    """Import transformers, or fail with a line saying which feature needs it. Waits for a
+    :func:`prefetch_model_code` import in flight: Python hands a second thread a module that is
+    still being initialised (its attributes missing) rather than waiting for it."""
+    if _prefetch is not None and _prefetch is not threading.current_thread():
+        _prefetch.join()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
@@ -34,8 +41,8 @@ def require_transformers(what: str) -> Any:
 def prefetch_model_code(config: dict[str, Any]) -> None:
     """Import transformers and the model class ``config`` names in a background thread: a first
     import costs seconds of Python (transformers imports its modeling code lazily), which can run
-    while the caller does other work. A later import of the same modules waits for this one."""
-    import threading
+    while the caller does other work. :func:`require_transformers` waits for it to finish."""
+    global _prefetch
 
     def load() -> None:
         try:
@@ -44,7 +51,10 @@ def prefetch_model_code(config: dict[str, Any]) -> None:
                 getattr(transformers, arch, None)
         except Exception:  # the caller's own import reports any problem
             pass
-    threading.Thread(target=load, name="rebasin-prefetch-transformers", daemon=True).start()
+    if _prefetch is not None:
+        return
+    _prefetch = threading.Thread(target=load, name="rebasin-prefetch-transformers", daemon=True)
+    _prefetch.start()
 
 
 def load_hf_model(model_dir: str | Path, *, what: str = "this command",

@@ -148,6 +148,8 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
                                                                                           never)]))
     finally:
         model.generation_config = saved
+    if len(logits) < length or ids.shape[1] < length:
+        raise RebasinError(f"sampling probes from the fine-tune stopped after {len(logits)} of {length} tokens")
     return Probes({"input_ids": ids[:, :length].cpu()}, "sampled",
                   meta={"length": length, "temperature": 1.0, "seed": seed},
                   logits=torch.stack(logits[:length], dim=1).cpu())

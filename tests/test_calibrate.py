@@ -191,6 +191,50 @@ def test_transferred_target_carries_the_whole_change_onto_b(planted, tmp_path, c
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
 
 
+def test_a_fresh_process_calibrates_while_transformers_is_still_being_imported(planted, tmp_path):
+    """`transfer` imports transformers in a background thread; in diff mode (no match to wait for)
+    calibration asked for it at once and got a half-initialised module (AttributeError). A fresh
+    interpreter, as a user's command runs, must wait for that import instead."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "rebasin", "transfer", "--old-base", str(planted / "A"),
+                           "--finetuned", str(planted / "Aft"), "--new-base", str(planted / "B"), "-o", str(out),
+                           "--mode", "diff", "--probe-count", "4", "--probe-length", "8"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "carries over" in proc.stdout and (out / "report.json").is_file()
+
+
+@pytest.mark.parametrize("target", ["finetune", "transferred"])
+def test_headless_features_are_compared_in_bs_basis(tmp_path, target):
+    """A headless model's output features are its residual stream, which a transfer's π may move:
+    B = π(A) and A_ft = A + u make B + 1·π(u) = π(A_ft) exactly, so D(1) = 0 once A's side is gathered
+    into B's basis (the residual permutation moves most units, so without that the test fails)."""
+    import transformers as T
+    from tiny_models import ENC, TEXT
+
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(**ENC, **TEXT)).eval().save_pretrained(tmp_path / "A")
+    sa = load_file(tmp_path / "A" / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    save_like(tmp_path / "Aft", {k: v + 0.2 * v.std() * torch.randn(v.shape, generator=g) if v.numel() > 1 else v
+                                 for k, v in sa.items()}, tmp_path / "A")
+    spec = open_model(tmp_path / "A").spec.free_output()
+    pi = random_perms(spec, torch.Generator().manual_seed(3))
+    assert (pi["residual"] != torch.arange(len(pi["residual"]))).float().mean() > 0.5
+    save_like(tmp_path / "B", apply_to_state(spec, pi, sa), tmp_path / "A")
+    c = calibrate(tmp_path / "A", tmp_path / "Aft", tmp_path / "B", "bert", perms=pi, alpha="auto", probe_count=8,
+                  probe_length=16, target=target)
+    d = dict(c.curve)
+    assert c.divergence == "nmse" and d[1.0] < 1e-6 * d[0.0] + 1e-9, c.curve
+    assert min(d, key=d.get) == 1.0, c.curve  # (the verdict may still say no: random noise on the
+    # embeddings, which no σ of a headless model moves, survives the null model)
+
+
 def test_require_gain_refuses_with_exit_7_and_writes_nothing(planted, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
