@@ -16,7 +16,7 @@ carried over in output space, ``log p_T(x) = log p_B(x) + log p_Aft(x) − log p
 (renormalised; features: ``f_B + f_Aft − f_A``), instead of A_ft itself. Where the fine-tune
 did not act, T is B, so keeping B's own behaviour there is not penalised, and D(0) measures the
 fine-tune's change in B's frame rather than everything that tells A_ft from B (a whole other
-training run, between independent bases). It costs one more forward, of A.
+training run, between independent bases). It costs two more forwards: A's, and B's to form T.
 
 * ``auto``: D at α = 0, ½, 1, then a bracket of the minimum inside [0, :data:`ALPHA_MAX`] (D(2)
   when D still falls at 1, D(¼) when it rises from 0), then parabolic refinement to
@@ -39,10 +39,10 @@ bfloat16 GEMMs are at least :data:`BF16_SPEEDUP` times its float32 ones (CPUs wi
 AVX512-BF16); B's values are kept exactly as loaded, δ in the forward dtype, and every sum
 ``B + α·δ`` is formed in float32 and rounded once into the module (the search evaluates only α's
 the forward dtype holds, ≤ 0.4% from the α asked for, whose sums take one fused add: see
-:meth:`Candidate.set`). Both the fine-tune and the
-candidate are rounded the same way, so D(α) keeps its minimum where B + α·δ meets A_ft; the
-rounding adds a small floor, far below the divergences compared. Memory: one model at a time
-(A_ft and τ, then B), see :func:`predicted_peak`.
+:meth:`Candidate.set`). The fine-tune and the candidate run in the same dtype, so D(α) keeps its
+minimum where B + α·δ meets A_ft; rounding adds a small floor (in bfloat16 the sampler's
+step-by-step logits and a full forward differ by up to ~0.06), far below the divergences
+compared. Memory: one model at a time (A_ft and τ, then B), see :func:`predicted_peak`.
 """
 from __future__ import annotations
 
@@ -218,7 +218,8 @@ class Candidate:
 
         One fused ``torch.add`` when the operands' common dtype is float32 (exact), or when α is a
         value of their narrower common dtype (:meth:`representable`: α is used unrounded; a rare
-        element, about one in 10⁵, gets α·δ rounded to its last place first). Any other α (a
+        element — 1 of 630k in the test, none of 16M in another check — gets α·δ rounded to its
+        last place first). Any other α (a
         bfloat16 sum would round α itself, moving every element) is summed in float32 slice by
         slice, both operands converted first.
         """
@@ -325,7 +326,7 @@ class Teacher:
                 r = t.float().clamp_min(TINY_PROB).log_() - torch.log_softmax(y, dim=-1).clamp_min(floor)
             else:
                 r = t.float() - y
-            self.targets[i] = r.to(t.dtype)
+            self.targets[i] = r  # float32: a log-ratio up to ~140 in bfloat16 would be off by up to 0.5
 
     def onto(self, model: torch.nn.Module) -> None:
         """Targets ← ``model``'s (B's) outputs moved by the stored change (:meth:`subtract`): the fine-tune
@@ -466,14 +467,17 @@ def _percent(x: float) -> str:
     return f"{x:.0%}" if abs(x) >= 0.01 or x == 0 else f"{x:.1%}"
 
 
-def _verdict(alpha: float, reduction: float, null_reduction: float | None, requested: str) -> tuple[str, str]:
-    pct = ("KL unchanged" if reduction == 0 else f"KL −{_percent(reduction)}" if reduction > 0
-           else f"KL +{_percent(-reduction)}")
-    null = f"; a randomly re-ordered task vector: KL −{_percent(null_reduction)}" if (null_reduction or 0) > 0 else ""
+def _verdict(alpha: float, reduction: float, null_reduction: float | None, requested: str, name: str = "KL",
+             target: str = "the fine-tune") -> tuple[str, str]:
+    """(verdict, its line); ``name`` of the divergence ("KL" or "NMSE"), ``target`` what was imitated."""
+    pct = (f"{name} unchanged" if reduction == 0 else f"{name} −{_percent(reduction)}" if reduction > 0
+           else f"{name} +{_percent(-reduction)}")
+    null = (f"; a randomly re-ordered task vector: {name} −{_percent(null_reduction)}"
+            if (null_reduction or 0) > 0 else "")
     ok = carries_over(reduction, null_reduction or 0.0, alpha if requested in ("auto", "auto-layer") else 0.0)
     if requested not in ("auto", "auto-layer"):
         if reduction < 0:
-            return ("does not carry over", f"warning: α = {alpha:g} leaves the output further from the fine-tune "
+            return ("does not carry over", f"warning: α = {alpha:g} leaves the output further from {target} "
                     f"than B itself ({pct} vs B); try --alpha auto")
         verdict = "carries over" if ok else "does not carry over"
         return verdict, f"{verdict}: α = {alpha:g} (given), {pct} vs B{null if not ok else ''}"
@@ -522,11 +526,13 @@ def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = No
     chunk = chunk_size(count, length, vocab)
     positions = count * length
     ft_bytes = 4 if is_adapter_dir(finetuned) else load_dtype(open_checkpoint(finetuned), dtype).itemsize
-    if old_base is not None:
+    target_bytes = 4 if positions * vocab * 4 <= LOGIT_BUDGET else 2
+    if old_base is not None:  # A then runs beside τ, and the log-ratio is held in float32
         ft_bytes = max(ft_bytes, load_dtype(open_checkpoint(old_base), dtype).itemsize)
+        target_bytes = 4
     return estimate_calibration(n, max(i.numel for i in b.tensors.values()), ft_bytes,
                                 load_dtype(b, dtype).itemsize, dtype.itemsize, positions, chunk * length,
-                                vocab, 4 if positions * vocab * 4 <= LOGIT_BUDGET else 2)
+                                vocab, target_bytes)
 
 
 def load_dtype(ckpt: Checkpoint, forward: torch.dtype) -> torch.dtype:
@@ -721,7 +727,8 @@ def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
         null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
     lap("null")
-    verdict, line = _verdict(chosen, reduction, null_reduction, requested)
+    verdict, line = _verdict(chosen, reduction, null_reduction, requested, teacher.kind.upper(),
+                             "the fine-tune" if target == "finetune" else "the fine-tune's change applied to B")
     if verdict == "does not carry over" and isinstance(alpha, str):
         chosen, alphas, kl_chosen, reduction = 0.0, None, kl_base, 0.0  # never worse than B
     if layer_fit is not None:

@@ -41,6 +41,14 @@ def alpha_value(text: str) -> float | str:
             from None
 
 
+def alpha_target(text: str) -> str:
+    from rebasin.calibrate import TARGETS
+
+    if text not in TARGETS:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(TARGETS)}, got {text!r}")
+    return text
+
+
 def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0.0 <= value <= 1.0:
@@ -194,10 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe examples (default 32)")
     p.add_argument("--probe-length", type=positive_int, metavar="T",
                    help="tokens per synthetic probe (default 128; 32 for models of 100M parameters and more)")
-    p.add_argument("--alpha-target", choices=("finetune", "transferred"), default="finetune",
+    p.add_argument("--alpha-target", type=alpha_target, default="finetune", metavar="finetune|transferred",
                    help="what calibration makes the output imitate: finetune (default: A_ft itself) or "
                         "transferred (B's outputs moved by the fine-tune's change over A: keeps B where the "
-                        "fine-tune did not act, sees gains between independent bases; one more forward, of A)")
+                        "fine-tune did not act, sees gains between independent bases; two more forwards: A's, "
+                        "and B's to form the target)")
     p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
                    "calibration's relative KL reduction over the new base is below X (e.g. 0.1)")
     p.add_argument("--no-verdict", action="store_true",

@@ -204,8 +204,10 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
     """
     if mode not in ("rebasin", "diff"):
         raise RebasinError(f"unknown mode '{mode}' (rebasin or diff)")
-    if alpha_target not in ("finetune", "transferred"):
-        raise RebasinError(f"unknown calibration target '{alpha_target}' (finetune or transferred)")
+    from rebasin.calibrate import TARGETS
+
+    if alpha_target not in TARGETS:
+        raise RebasinError(f"unknown calibration target '{alpha_target}' (choose from {', '.join(TARGETS)})")
     alpha = check_alpha_value(alpha)
     output = Path(output)
     a, b = open_model(old_base), open_model(new_base)
