@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -146,6 +147,15 @@ def test_vocabulary_change_maps_shared_tokens(tmp_path):
     # rebasin mode also runs (matching uses the shared rows)
     assert main([*TRANSFER_A1, "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
                  str(dirs["B"]), "-o", str(tmp_path / "rb")]) == 0
+    # so does calibration of either target across the vocabulary change (compared on the shared tokens)
+    for target in ("finetune", "transferred"):
+        out = tmp_path / f"auto-{target}"
+        assert main(["transfer", "--old-base", str(dirs["A"]), "--finetuned", str(tmp_path / "Aft"), "--new-base",
+                     str(dirs["B"]), "-o", str(out), "--mode", "diff", "--probe-count", "8", "--probe-length", "12",
+                     "--alpha-target", target]) == 0
+        c = json.loads((out / "report.json").read_text())["calibration"]
+        assert c["target"] == target
+        assert all(math.isfinite(d) and d >= 0 for _, d in c["curve"]), c["curve"]
 
 
 def test_dry_run_writes_nothing(trio, tmp_path, capsys):
