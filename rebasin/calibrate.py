@@ -612,14 +612,8 @@ def _load_finetune(finetuned: Path, a_dir: Path, dtype: torch.dtype) -> torch.nn
     return PeftModel.from_pretrained(base, finetuned).merge_and_unload().eval()
 
 
-def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, **options: Any) -> Calibration:
-    """Choose α (or check a given α) for ``B + α·π(A_ft − A)``: :func:`_calibrate` (see there) with glibc
-    keeping freed buffers for reuse (:func:`rebasin.streaming.reuse_freed_memory`)."""
-    with reuse_freed_memory():
-        return _calibrate(old_base, finetuned, new_base, family, **options)
-
-
-def _calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
+@reuse_freed_memory()  # glibc keeps the forwards' freed buffers for reuse while it runs
+def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
               perms: Mapping[str, torch.Tensor] | None, alpha: float | str = "auto", vocab: VocabMap | None = None,
               probe_data: str | Path | None = None, probe_count: int | None = None,
               probe_length: int | None = None,
