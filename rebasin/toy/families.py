@@ -91,8 +91,10 @@ PRESETS: dict[str, dict[str, Recipe]] = {
     "full": {
         "llama": Recipe("llama"),
         "bert": Recipe("bert", kv_heads=4, ffn=128, base_lr=2e-3, continue_lr=1e-3, ft_lr=1e-3),
+        # ViT replays 90%: at 75% its fine-tunes themselves lost 1.7 accuracy points of the base's task
         "vit": Recipe("vit", hidden=64, heads=4, kv_heads=4, ffn=128, batch=64, base_steps=400, base_lr=2e-3,
-                      continue_steps=200, continue_lr=1e-3, ft_steps=40, ft_lr=3e-4, weight_decay=0.05),
+                      continue_steps=200, continue_lr=1e-3, ft_steps=40, ft_lr=3e-4, ft_replay=0.9,
+                      weight_decay=0.05),
     },
     # `--quick`: smaller and shorter
     "quick": {
