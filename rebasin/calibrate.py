@@ -604,11 +604,12 @@ def _load_finetune(finetuned: Path, a_dir: Path, dtype: torch.dtype) -> torch.nn
 
     if not is_adapter_dir(finetuned):
         return load_hf_model(finetuned, what="--alpha auto", dtype=load_dtype(open_checkpoint(finetuned), dtype))
+    base = load_hf_model(a_dir, what="--alpha auto")  # first: peft imports transformers, which must be whole
     try:
         from peft import PeftModel
     except ImportError as exc:
-        raise RebasinError("calibrating a LoRA adapter needs peft: pip install 'rebasin-engine[hf]'") from exc
-    base = load_hf_model(a_dir, what="--alpha auto")
+        raise RebasinError(f"calibrating a LoRA adapter needs peft ({exc}): pip install 'rebasin-engine[hf]'") \
+            from exc
     return PeftModel.from_pretrained(base, finetuned).merge_and_unload().eval()
 
 
@@ -726,7 +727,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     if verdict == "does not carry over" and isinstance(alpha, str):
         chosen, alphas, kl_chosen, reduction = 0.0, None, kl_base, 0.0  # never worse than B
     if layer_fit is not None:
-        line += (f"; per-layer α kept (held-out KL {layer_fit['heldout_layer']:.4g} < "
+        line += (f"; per-layer α kept (held-out {teacher.kind.upper()} {layer_fit['heldout_layer']:.4g} < "
                  f"{layer_fit['heldout_global']:.4g})"
                  if layer_fit["kept"] else "; per-layer α not kept (no held-out gain over the global α)")
     return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tune did not act, sees gains between independent bases; two more forwards: A's, "
                         "and B's to form the target)")
     p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
-                   "calibration's relative KL reduction over the new base is below X (e.g. 0.1)")
+                   "calibration's relative divergence (KL; NMSE for headless models) reduction over the new base "
+                   "is below X (e.g. 0.1)")
     p.add_argument("--no-verdict", action="store_true",
                    help="with a numeric --alpha: skip measuring its verdict (no model is loaded as a module; "
                         "the plain arithmetic, as fast as the files can be read and written)")

@@ -58,9 +58,11 @@ def _mallopt(mmap_threshold: int, trim_threshold: int, trim: bool = False) -> No
 @contextlib.contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """Within the block, glibc keeps freed buffers for reuse: up to 32 MiB each (its largest mmap
-    threshold) and 512 MiB at the top of the heap; on exit the thresholds go back — the streaming
-    setting of :func:`return_freed_memory` if it was in force, else glibc's defaults (128 KiB
-    each) — and the kept memory is handed back.
+    threshold) and 512 MiB at the top of the heap; on exit the streaming setting of
+    :func:`return_freed_memory` comes back if it was in force, else the values glibc's own
+    adaptive thresholds grow to (32 MiB per buffer, 64 MiB of trim: a mallopt call ends that
+    adaptation for good, and 128 KiB would map every activation afresh), and the kept memory is
+    handed back.
 
     For work that allocates the same large temporaries over and over — calibration's forwards
     (activations, logits): with every buffer of 1 MiB and more a fresh mapping, each use
@@ -74,7 +76,10 @@ def reuse_freed_memory() -> Iterator[None]:
     try:
         yield
     finally:
-        _mallopt(mmap_threshold=(1 << 20) if _MALLOPT_SET else (128 << 10), trim_threshold=128 << 10, trim=True)
+        if _MALLOPT_SET:
+            _mallopt(mmap_threshold=1 << 20, trim_threshold=128 << 10, trim=True)
+        else:
+            _mallopt(mmap_threshold=32 << 20, trim_threshold=64 << 20, trim=True)
 
 
 def row_chunks(shape: tuple[int, ...] | torch.Size, elems: int | None = None) -> Iterator[tuple[int, int]]:

@@ -300,7 +300,8 @@ def transfer(old_base: str | Path, finetuned: str | Path, new_base: str | Path, 
             calibration.line += ("; if B is A's lineage re-released in another unit order, or trained "
                                  "independently, try --mode rebasin")
         if require_gain is not None and calibration.reduction < require_gain:
-            raise RefusedError(f"the fine-tune does not carry over enough: KL reduction {calibration.reduction:.1%} "
+            raise RefusedError(f"the fine-tune does not carry over enough: {calibration.divergence.upper()} "
+                               f"reduction {calibration.reduction:.1%} "
                                f"< --require-gain {require_gain:.1%} ({calibration.line}); nothing written",
                                file=Path(finetuned))
     verify_report = None

@@ -97,6 +97,17 @@ def test_lora_adapter_transfer_loads_in_peft_and_matches_merged(trio, tmp_path):
     pm.save_pretrained(root / "lora")
     merged = pm.merge_and_unload()
     merged.save_pretrained(tmp_path / "Aft_merged")
+    # a fresh process calibrating the adapter (diff mode: nothing waits before it) imports peft while the
+    # background transformers import may still run: it must not see a half-initialised transformers
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rebasin", "transfer", "--old-base", str(root / "A"), "--finetuned",
+                           str(root / "lora"), "--new-base", str(root / "B"), "-o", str(tmp_path / "lora_auto"),
+                           "--mode", "diff", "--probe-count", "4", "--probe-length", "8"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "lora_out"
     assert main([*TRANSFER_A1, "--old-base", str(root / "A"), "--finetuned", str(root / "lora"), "--new-base",
                  str(root / "B"), "-o", str(out)]) == 0

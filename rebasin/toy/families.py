@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, Recipe]] = {
         "bert": Recipe("bert", hidden=48, kv_heads=4, ffn=96, seq=64, base_steps=250, continue_steps=120, ft_steps=80,
                        base_lr=2e-3, continue_lr=1e-3, eval_size=64, corpus_chars=400_000),
         "vit": Recipe("vit", hidden=32, kv_heads=4, ffn=64, batch=64, base_steps=200, base_lr=3e-3, continue_steps=100,
-                      continue_lr=1e-3, ft_steps=30, ft_lr=3e-4, weight_decay=0.05),
+                      continue_lr=1e-3, ft_steps=30, ft_lr=3e-4, ft_replay=0.9, weight_decay=0.05),
     },
     # tests: seconds
     "tiny": {
