@@ -726,6 +726,9 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                              "the fine-tune" if target == "finetune" else "the fine-tune's change applied to B")
     if verdict == "does not carry over" and isinstance(alpha, str):
         chosen, alphas, kl_chosen, reduction = 0.0, None, kl_base, 0.0  # never worse than B
+        if target == "finetune":  # the quality studies' missed gains were of this kind
+            line += ("; --alpha-target transferred compares only the fine-tune's own change and may "
+                     "still find one")
     if layer_fit is not None:
         line += (f"; per-layer α kept (held-out {teacher.kind.upper()} {layer_fit['heldout_layer']:.4g} < "
                  f"{layer_fit['heldout_global']:.4g})"
