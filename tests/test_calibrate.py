@@ -36,6 +36,13 @@ def planted(tmp_path_factory):
     return root
 
 
+def _diff_transfer(planted, new_base: str, out, *extra: str) -> list[str]:
+    """The CLI argv of a calibrated diff-mode transfer of the planted fine-tune onto ``planted / new_base``."""
+    return ["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
+            str(planted / new_base), "-o", str(out), "--mode", "diff", "--probe-count", "8", "--probe-length", "16",
+            *extra]
+
+
 def test_diff_mode_calibration_recovers_the_planted_alpha(planted, tmp_path):
     r = transfer(planted / "A", planted / "Aft", planted / "B", tmp_path / "out", mode="diff", alpha="auto",
                  probe_count=8, probe_length=16)
@@ -147,9 +154,7 @@ def test_kl_from_stored_probabilities_equals_the_direct_kl():
 
 def test_unrelated_base_gets_the_does_not_carry_over_verdict(planted, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
-                 str(planted / "C"), "-o", str(out), "--mode", "diff", "--probe-count", "8",
-                 "--probe-length", "16"]) == 0
+    assert main(_diff_transfer(planted, "C", out)) == 0
     printed = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     c = rep["calibration"]
@@ -177,9 +182,7 @@ def test_transferred_target_carries_the_whole_change_onto_b(planted, tmp_path, c
     """B = A + ½u, A_ft = A + u: imitating A_ft wants α = ½ (B + ½u = A_ft); carrying the fine-tune's
     change u over onto B wants α ≈ 1. The CLI names the target; --no-verdict cannot take one."""
     out = tmp_path / "out"
-    assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
-                 str(planted / "B"), "-o", str(out), "--mode", "diff", "--probe-count", "8", "--probe-length", "16",
-                 "--alpha-target", "transferred"]) == 0
+    assert main(_diff_transfer(planted, "B", out, "--alpha-target", "transferred")) == 0
     c = json.loads((out / "report.json").read_text())["calibration"]
     assert c["target"] == "transferred" and abs(c["alpha"] - 1.0) < 0.15, c["curve"]
     assert c["verdict"] == "carries over" and "KL(A_ft→B ‖ B)" in capsys.readouterr().out
@@ -237,9 +240,7 @@ def test_headless_features_are_compared_in_bs_basis(tmp_path, target):
 
 def test_require_gain_refuses_with_exit_7_and_writes_nothing(planted, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
-                 str(planted / "Bp"), "-o", str(out), "--mode", "diff", "--probe-count", "8", "--probe-length", "16",
-                 "--require-gain", "0.5"])
+    code = main(_diff_transfer(planted, "Bp", out, "--require-gain", "0.5"))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 7 and not out.exists() and not list(tmp_path.iterdir())
     assert last.startswith("rebasin: error: ") and "--require-gain" in last
@@ -258,9 +259,7 @@ def test_same_lineage_is_detected(planted, tmp_path):
 
 def test_numeric_alpha_is_checked_and_warned_when_worse_than_b(planted, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
-                 str(planted / "Bp"), "-o", str(out), "--mode", "diff", "--alpha", "3", "--probe-count", "8",
-                 "--probe-length", "16"]) == 0
+    assert main(_diff_transfer(planted, "Bp", out, "--alpha", "3")) == 0
     printed = capsys.readouterr().out
     assert "warning: α = 3 leaves the output further from the fine-tune than B" in printed
 
@@ -399,9 +398,7 @@ def test_an_output_of_alpha_zero_says_so(planted, tmp_path, capsys):
     """Diff mode onto a re-ordered base writes B (α = 0); the terminal and report.md say so instead of
     counting B's tensors as "unchanged (zero task vector there …)"."""
     out = tmp_path / "out"
-    assert main(["transfer", "--old-base", str(planted / "A"), "--finetuned", str(planted / "Aft"), "--new-base",
-                 str(planted / "Bp"), "-o", str(out), "--mode", "diff", "--probe-count", "8",
-                 "--probe-length", "16"]) == 0
+    assert main(_diff_transfer(planted, "Bp", out)) == 0
     printed = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     assert rep["alpha"] == 0 and rep["calibration"]["verdict"] == "does not carry over"
