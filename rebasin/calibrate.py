@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,8 +138,9 @@ class Calibration:
         reduction: ``1 − kl_chosen / kl_base``.
         kl_null, null_reduction: D and its reduction when the same task vector is moved by a random
             symmetry σ (``B + α·σ(π(τ))``): what the task vector's invariant parts and its size alone
-            buy. A transfer "carries over" only when most of the gain is lost under σ. None when
-            the verdict is "does not carry over" without it (the null is then not evaluated).
+            buy. A transfer "carries over" only when most of the gain is lost under σ. Measured on
+            every other probe chunk and stated for all probes by the share of the gain σ keeps there.
+            None when the verdict is "does not carry over" without it (the null is then not evaluated).
         curve: ``[[α, D(α)], ...]`` sorted by α.
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
@@ -374,16 +375,25 @@ class Teacher:
 
 def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
               slices: list[int] | None = None,
-              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> float:
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+              parts: dict[int, tuple[float, int]] | None = None) -> float:
+    """D at ``alpha`` over the chunks ``slices`` (all by default); ``parts`` collects chunk → (sum, positions)."""
     cand.set(alpha, transform)
-    total, count = 0.0, 0
     chosen = slices if slices is not None else range(len(teacher.targets))
     all_slices = teacher.slices()
+    found = {} if parts is None else parts
     with torch.no_grad():
         for i in chosen:
             sl = all_slices[i]
             s, n = teacher.divergence(i, cand.module(**teacher.inputs(sl)), sl)
-            total, count = total + float(s), count + n
+            found[i] = (float(s), n)
+    return _mean(found, chosen)
+
+
+def _mean(parts: Mapping[int, tuple[float, int]], chunks: Iterable[int]) -> float:
+    """D over ``chunks`` from per-chunk (sum, positions)."""
+    total = sum(parts[i][0] for i in chunks)
+    count = sum(parts[i][1] for i in chunks)
     return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
 
 
@@ -499,16 +509,25 @@ def output_index(model: torch.nn.Module, family: str, perms: Mapping[str, torch.
     return perms[fixed[0]]
 
 
-def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
-                     alpha: float | Mapping[str, float], seed: int) -> float:
-    """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict);
-    σ(δ) is formed tensor by tensor as the candidate is set, never as a second copy of δ."""
+def _null_reduction(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
+                    alpha: float | Mapping[str, float], seed: int, base: Mapping[int, tuple[float, int]],
+                    chosen: Mapping[int, tuple[float, int]], reduction: float) -> float:
+    """The null model of the verdict: the reduction of D at ``alpha`` when the task vector is moved by a
+    random symmetry σ, on every other probe chunk (the null decides a share, not a value: half the
+    forwards), reported on all probes as ``reduction`` × the share of the gain that survives σ on
+    those chunks (``base``, ``chosen``: per-chunk D at α = 0 and at ``alpha``). σ(δ) is formed tensor
+    by tensor as the candidate is set, never as a second copy of δ."""
     spec = module_spec(b, family)
     sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
 
     def moved(name: str, d: torch.Tensor) -> torch.Tensor:
         return permute_tensor(spec, name, d, sigma) if name in spec.axes else d  # a gather: exact in any dtype
-    return _evaluate(cand, teacher, alpha, transform=moved)
+    half = list(range(0, len(teacher.targets), 2))
+    d0, gain = _mean(base, half), _mean(base, half) - _mean(chosen, half)
+    if gain <= 0:  # no gain on these chunks to be specific about: all of it is counted as the null's
+        return reduction
+    null_gain = d0 - _evaluate(cand, teacher, alpha, half, transform=moved)
+    return reduction * null_gain / gain
 
 
 def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = None,
@@ -553,7 +572,7 @@ def task_vector(ft: torch.nn.Module, a_dir: Path, family: str, perms: Mapping[st
     ckpt = open_checkpoint(a_dir)
     if all(k in ckpt and ckpt.shape(k) == tuple(p.shape) for k, p in ft_params.items()):
         def a_value(k: str) -> torch.Tensor | None:
-            return ckpt.get(k, dtype=torch.float32, check_finite=True)
+            return ckpt.get(k, check_finite=True)
     else:
         a_state = {k: p.detach() for k, p in load_hf_model(a_dir, what="--alpha auto").named_parameters()}
 
@@ -567,8 +586,12 @@ def task_vector(ft: torch.nn.Module, a_dir: Path, family: str, perms: Mapping[st
         a = a_value(k)
         if a is None:
             continue
-        d = torch.sub(p, a.float())  # float32: exact, without a float32 copy of p
-        if spec is None or k not in spec.axes:
+        moved = spec is not None and k in spec.axes
+        if p.dtype == a.dtype == store and (gathers_only or not moved):
+            d = torch.sub(p, a)  # torch sums narrow floats in float32 and rounds once: as .to(store) below
+        else:
+            d = torch.sub(p, a.float())  # float32: exact, without a float32 copy of p
+        if not moved:
             tau[k] = d.to(store)
         elif gathers_only:  # a gather commutes with rounding: move the narrower tensor
             tau[k] = permute_tensor(spec, k, d.to(store), perms)
@@ -676,6 +699,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         teacher.onto(cand.module)
     lap("base")
     curve: dict[float, float] = {}
+    parts: dict[float, dict[int, tuple[float, int]]] = {}  # α → chunk → (sum, positions)
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
 
@@ -683,7 +707,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         a = a if exact else cand.representable(a)
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
-            curve[a] = _evaluate(cand, teacher, a)
+            curve[a] = _evaluate(cand, teacher, a, parts=parts.setdefault(a, {}))
             bar.update(1)
         return curve[a]
 
@@ -693,7 +717,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     if isinstance(alpha, str):
         _search(f, curve)
         chosen = min(curve, key=curve.get)
-        kl_chosen = curve[chosen]
+        kl_chosen, chosen_parts = curve[chosen], parts[chosen]
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
             n = len(teacher.targets)
             fit, held = list(range(0, n, 2)), list(range(1, n, 2))
@@ -706,21 +730,22 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
                          "kept": kept, "steps": layer_steps}
             if kept:
-                alphas = per_block
-                kl_chosen = _evaluate(cand, teacher, per_block)
+                alphas, chosen_parts = per_block, {}
+                kl_chosen = _evaluate(cand, teacher, per_block, parts=chosen_parts)
     else:
         for a in sorted({0.0, 1.0, float(alpha)}):
             f(a, exact=True)
         chosen = float(alpha)
-        kl_chosen = curve[chosen]
+        kl_chosen, chosen_parts = curve[chosen], parts[chosen]
     kl_base = curve[0.0]
     reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
     bar.close()
     lap("search")
     kl_null = null_reduction = None
     if carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
-        kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
-        null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
+        null_reduction = _null_reduction(cand, teacher, b, family, alphas if alphas is not None else chosen, seed,
+                                         parts[0.0], chosen_parts, reduction)
+        kl_null = kl_base * (1.0 - null_reduction)
     lap("null")
     verdict, line = _verdict(chosen, reduction, null_reduction, requested, teacher.kind.upper(),
                              "the fine-tune" if target == "finetune" else "the fine-tune's change applied to B")

@@ -20,7 +20,7 @@ from rebasin.errors import NonFiniteError
 from rebasin.io.checkpoint import all_finite, ensure_finite
 from rebasin.permutation import axis_index, has_rotation
 from rebasin.specs import Spec
-from rebasin.symmetry import rotated_rows
+from rebasin.symmetry import gather, rotated_rows
 
 CHUNK_ELEMS = 1 << 22  # 4 Mi elements: 16 MiB in float32
 _MALLOPT_SET = False
@@ -115,7 +115,7 @@ def permuted_rows(spec: Spec, name: str, tensor: torch.Tensor, perms: Mapping[st
                 out = out[start:stop]
             continue
         idx = axis_index(spec, perms, ref).to(out.device)
-        out = out.index_select(axis, idx[start:stop] if axis == 0 else idx)
+        out = gather(out, axis, idx[start:stop] if axis == 0 else idx)
     return out
 
 

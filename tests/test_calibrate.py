@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import CASES, save_like
 
-from rebasin.calibrate import Candidate, block_of, calibrate, representable
+from rebasin.calibrate import Candidate, block_of, calibrate, representable, task_vector
 from rebasin.cli import main
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, random_perms
@@ -104,6 +104,30 @@ def test_candidate_sums_in_float32_and_rounds_once(base_dtype, alpha):
         assert (summed != torch.add(base["weight"].float(), delta["weight"].float(), alpha=alpha).bfloat16()
                 ).float().mean() > 1e-3
     assert cand.representable(0.37) == representable(0.37, torch.bfloat16) != 0.37
+
+
+def test_narrow_task_vector_is_the_float32_difference_rounded_once(tmp_path):
+    """bfloat16 A and A_ft: τ taken in bfloat16 (one rounding of the float32 difference, no float32
+    copies) equals the float32 difference rounded, bit for bit, permuted or not."""
+    from rebasin.hf import load_hf_model
+
+    model = CASES["llama"].build()
+    model.save_pretrained(tmp_path / "A")
+    sa = {k: v.bfloat16() for k, v in load_file(tmp_path / "A" / "model.safetensors").items()}
+    g = torch.Generator().manual_seed(3)
+    save_like(tmp_path / "A16", sa, tmp_path / "A")
+    save_like(tmp_path / "Aft16", {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16()
+                                   for k, v in sa.items()}, tmp_path / "A")
+    ft = load_hf_model(tmp_path / "Aft16", what="test", dtype=torch.bfloat16)
+    spec = open_model(tmp_path / "A").spec
+    for perms in (None, random_perms(spec, torch.Generator().manual_seed(1))):
+        narrow = task_vector(ft, tmp_path / "A16", "llama", perms, store=torch.bfloat16)
+        wide = task_vector(ft, tmp_path / "A16", "llama", perms, store=torch.float32)
+        assert narrow and narrow.keys() == wide.keys()
+        for k in narrow:
+            assert narrow[k].dtype == torch.bfloat16
+            assert torch.equal(narrow[k], wide[k].bfloat16()), k
+    assert any(torch.count_nonzero(v) for v in narrow.values())
 
 
 def test_forward_dtype_policy(monkeypatch):
@@ -375,6 +399,20 @@ def test_null_model_is_skipped_only_when_it_cannot_change_the_verdict(planted):
     if u.reduction < 0.1:
         assert u.kl_null is None and u.verdict == "does not carry over"
     assert set(c.phases) == {"load", "probes", "teacher", "base", "search", "null"}
+
+
+def test_null_model_refuses_a_gain_every_symmetry_keeps(planted, tmp_path):
+    """A fine-tune that adds one constant to every norm weight: any re-ordering of it is the same, so the gain
+    says nothing about alignment and the verdict is "does not carry over" (the planted u carries over)."""
+    sa = load_file(planted / "A" / "model.safetensors")
+    save_like(tmp_path / "Aft", {k: v + 0.5 if k.endswith("norm.weight") else v for k, v in sa.items()},
+              planted / "A")
+    c = calibrate(planted / "A", tmp_path / "Aft", planted / "A", "llama", perms=None, alpha="auto",
+                  probe_count=8, probe_length=16)
+    assert c.reduction == 0 and c.alpha == 0 and c.verdict == "does not carry over", c
+    found = 1 - min(d for _, d in c.curve) / c.kl_base  # the gain the search found, before the verdict
+    assert found > 0.5 and c.null_reduction is not None and c.null_reduction > 0.9 * found, c
+    assert "a randomly re-ordered task vector" in c.line
 
 
 def test_sampled_probes_ignore_the_models_generation_defaults():

@@ -554,3 +554,19 @@ def test_every_kind_has_one_matcher_step():
     assert steps == {"plain": engine.plain_step, "attention": engine.attention_step}
     with pytest.raises(Exception, match="no matcher step"):
         matcher_step(dataclasses.replace(next(iter(spec.groups.values())), kind="other"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 5)])
+def test_gather_is_index_select_bit_for_bit(dtype, shape):
+    from rebasin.symmetry import gather
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(shape, generator=g) * 100).to(dtype)
+    for axis in [*range(len(shape)), -1]:
+        index = torch.randperm(shape[axis], generator=g)
+        out = gather(t, axis, index)
+        assert out.dtype == t.dtype and out.is_contiguous()
+        assert torch.equal(out, t.index_select(axis, index))
+        if shape[axis] > 1:  # control: another order is told apart
+            assert not torch.equal(gather(t, axis, index.roll(1)), out)

@@ -17,7 +17,7 @@ from rebasin.symmetry.attention import (
     rope_pairs,
     rotary_dims,
 )
-from rebasin.symmetry.base import Perms, SymmetryKind, inverse_perm
+from rebasin.symmetry.base import Perms, SymmetryKind, gather, inverse_perm
 from rebasin.symmetry.ops import (
     KINDS,
     MATCHER_STEPS,
@@ -59,6 +59,7 @@ __all__ = [
     "apply_to_state",
     "axis_index",
     "continuous_pairs",
+    "gather",
     "group_keys",
     "haar_orthogonal",
     "has_rotation",

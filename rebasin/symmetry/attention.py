@@ -54,6 +54,7 @@ from rebasin.symmetry.base import (
     SymmetryKind,
     arange_rows,
     fixed_error,
+    gather,
     inverse_perm,
     is_perm_rows,
 )
@@ -366,7 +367,7 @@ class AttentionSymmetry(SymmetryKind):
 
     def apply_axis(self, group: Group, perms: Mapping[str, torch.Tensor], role: str, tensor: torch.Tensor,
                    axis: int) -> torch.Tensor:
-        out = tensor.index_select(axis, self.gather_index(group, perms, role).to(tensor.device))
+        out = gather(tensor, axis, self.gather_index(group, perms, role))
         if role == "qk_dim":  # allowed rotations commute with the norm weight: it stays put
             return out
         qk, vo = self._rotations(group, perms)
