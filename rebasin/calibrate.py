@@ -16,7 +16,8 @@ carried over in output space, ``log p_T(x) = log p_B(x) + log p_Aft(x) − log p
 (renormalised; features: ``f_B + f_Aft − f_A``), instead of A_ft itself. Where the fine-tune
 did not act, T is B, so keeping B's own behaviour there is not penalised, and D(0) measures the
 fine-tune's change in B's frame rather than everything that tells A_ft from B (a whole other
-training run, between independent bases). It costs two more forwards: A's, and B's to form T.
+training run, between independent bases). It costs one more forward, A's (B's forward that forms
+T gives D(0) too).
 
 * ``auto``: D at α = 0, ½, 1, then a bracket of the minimum inside [0, :data:`ALPHA_MAX`] (D(2)
   when D still falls at 1, D(¼) when it rises from 0), then parabolic refinement to
@@ -292,11 +293,15 @@ class Teacher:
             self.targets.append(y)
         self._settle()
 
+    def _store(self) -> torch.dtype:
+        """The targets' storage dtype: float32 within :data:`LOGIT_BUDGET`, else bfloat16."""
+        return torch.bfloat16 if sum(t.numel() for t in self.targets) * 4 > LOGIT_BUDGET else torch.float32
+
     def _settle(self) -> None:
-        """Store the targets within :data:`LOGIT_BUDGET` (else in bfloat16), then Σ p per position as
-        stored (1 up to that rounding: keeps D(α) an exact cross-entropy), or the features' scale."""
-        if sum(t.numel() for t in self.targets) * 4 > LOGIT_BUDGET:
-            self.targets = [t.to(torch.bfloat16) for t in self.targets]
+        """Store the targets in :meth:`_store`'s dtype, then Σ p per position as stored (1 up to that
+        rounding: keeps D(α) an exact cross-entropy), or the features' scale."""
+        store = self._store()
+        self.targets = [t.to(store) for t in self.targets]
         self.mass = [t.float().sum(-1) for t in self.targets] if self.kind == "kl" else []
         if self.kind == "nmse":
             allv = torch.cat([t.flatten(0, -2) for t in self.targets]).float()
@@ -329,19 +334,32 @@ class Teacher:
                 r = t.float() - y
             self.targets[i] = r  # float32: a log-ratio up to ~140 in bfloat16 would be off by up to 0.5
 
-    def onto(self, model: torch.nn.Module) -> None:
+    def onto(self, model: torch.nn.Module) -> dict[int, tuple[float, int]]:
         """Targets ← ``model``'s (B's) outputs moved by the stored change (:meth:`subtract`): the fine-tune
-        carried over in output space, ``log p_T = log p_B + r`` renormalised (logits) or ``f_B + r``."""
+        carried over in output space, ``log p_T = log p_B + r`` renormalised (logits) or ``f_B + r``.
+        ``model`` is the candidate at α = 0: returns D(0) from these same forwards, as chunk →
+        (sum, positions)."""
+        store, slices = self._store(), self.slices()
+        d0: dict[int, tuple[float, int]] = {}
+        features: dict[int, torch.Tensor] = {}
         for i, y, _ in self._outputs(model, "b"):
             r = self.targets[i].float()
             if self.kind == "kl":
                 logp = torch.log_softmax(torch.log_softmax(y, dim=-1) + r, dim=-1)
                 p = logp.exp()
                 self.neg_entropy[i] = (p * logp).sum(-1)
-                self.targets[i] = p
+                self.targets[i] = p.to(store)
+                self.mass[i] = self.targets[i].float().sum(-1)
+                s, n = self._divergence(i, y, slices[i])
+                d0[i] = (float(s), n)
             else:
                 self.targets[i] = y + r
-        self._settle()
+                features[i] = y
+        self._settle()  # the features' scale needs every target first
+        for i, y in features.items():
+            s, n = self._divergence(i, y, slices[i])
+            d0[i] = (float(s), n)
+        return d0
 
     def slices(self) -> list[slice]:
         n = len(self.probes)
@@ -358,8 +376,11 @@ class Teacher:
         return cast_inputs(self.student.batch(sl).inputs, self.dtype)
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
-        """(sum of per-position divergences, number of positions) of chunk ``i``."""
-        y = self._shared(primary_output(out).float(), "b")
+        """(sum of per-position divergences, number of positions) of chunk ``i`` (``out``: a forward's output)."""
+        return self._divergence(i, self._shared(primary_output(out).float(), "b"), sl)
+
+    def _divergence(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, int]:
+        """:meth:`divergence` of the output ``y`` on the shared vocabulary."""
         t = self.targets[i].float()
         if self.kind == "kl":
             # KL(p ‖ softmax y) = Σ p·log p − Σ p·y + (Σ p)·logsumexp y
@@ -694,12 +715,13 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         raise RebasinError("calibration found no tensor of the task vector in the new base's module",
                            file=new_base)
     cand = Candidate(b, delta, dtype)
-    if target == "transferred":
-        cand.set(0.0)
-        teacher.onto(cand.module)
-    lap("base")
     curve: dict[float, float] = {}
     parts: dict[float, dict[int, tuple[float, int]]] = {}  # α → chunk → (sum, positions)
+    if target == "transferred":
+        cand.set(0.0)
+        parts[0.0] = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
+        curve[0.0] = _mean(parts[0.0], parts[0.0])
+    lap("base")
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
 

@@ -219,6 +219,7 @@ BAD_OPTIONS = [
     (["--dtype", "float64"], "invalid choice"), (["--no-verdict"], "--no-verdict needs a numeric --alpha"),
     (["--alpha", "1", "--no-verdict", "--require-gain", "0.2"], "--require-gain needs the verdict"),
     (["--mode", "diff", "--perms", "p.safetensors"], "--perms applies to rebasin mode only"),
+    (["--alpha-target", "bogus"], "finetune or transferred"),
 ]
 
 
