@@ -8,29 +8,32 @@ Shape ``llama-125m``: 12 layers of d_model 768, d_ff 2048, 12 heads / 4 KV heads
 vocabulary, untied (124.7 M parameters); ``--quick``: ``llama-tiny`` (2 layers of 64).
 
 In one process, after importing transformers and its Llama and Qwen2 modeling code (timed on its
-own; a fresh ``rebasin transfer`` pays it once, in a thread beside the match): ``match(A, B)``, then
-``calibrate(..., alpha="auto")`` with π from that match, with today's defaults (probe size by
-model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are fast) and with the previous
-default probe shape (16 × 64: the same tokens in twice the sampling steps) and with the other
-target (``--alpha-target transferred``: A is loaded and run over the probes too); then the same
-match and calibration (today's defaults) onto ``B'``. Each record: wall seconds, the target, the α
-found, evaluations, the forward dtype, probes, the verdict, seconds per phase, the ratio
-calibration / match, and the process's peak RSS while calibrating (sampled every 20 ms; RSS before
-it beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_peak`, which
+own; a fresh ``rebasin transfer`` pays it once, in a thread beside the match): :data:`REPEATS`
+rounds of ``match(A, B)`` followed by ``calibrate(..., alpha="auto")`` with π from that match and
+today's defaults (probe size by model size; bfloat16 forwards where this CPU's bfloat16 GEMMs are
+fast). Each round pairs a match with a calibration back to back, so both see the same machine
+(run to run, this shared 2-core machine varied by ±20% and more, match and calibration alike):
+the record gives the medians of the seconds and of the per-round ratio, and every round's ratio.
+Then, once each, the previous default probe shape (16 × 64: the same tokens in twice the
+sampling steps) and the other target (``--alpha-target transferred``: A is run over the probes
+too); then the same rounds onto ``B'``. Each record also has the target, the α found,
+evaluations, the forward dtype, probes, the verdict, seconds per phase (first round), and the
+process's peak RSS while calibrating in the first round (sampled every 20 ms; RSS before it
+beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_peak`, which
 assumes today's forward dtype). The planted pair is the match's easiest case (the row bound
-settles every solve); onto ``B'`` the match takes more sweeps. Run to run, on this shared 2-core
-machine, the same code varied by about ±20% (match and calibration alike).
+settles every solve); onto ``B'`` the match takes more sweeps.
 
 Then the same match and calibration (defaults) on the scale benchmark's planted Qwen2-0.5B-shaped
 pair (494M parameters, 151936-token vocabulary; ``--quick``: its tiny Qwen2): how the fraction
 moves with size.
 
-Reproduce: ``python -m benchmarks calibration`` (~4 min idle on 2 cores, plus a few minutes to
-build the checkpoints once).
+Reproduce: ``python -m benchmarks calibration`` (~7 min idle on 2 cores, plus a few minutes to
+build the checkpoints once; ``--quick``: tiny models, one round).
 """
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -48,6 +51,9 @@ SHAPES = {
                    "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512,
                    "tie_word_embeddings": False, "max_position_embeddings": 256},
 }
+
+
+REPEATS = 3  # rounds of match + calibration per default case (the machine varies ±20% run to run)
 
 
 def _rss() -> int:
@@ -83,28 +89,51 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: st
             "predicted_peak_gib": round(predicted / 2**30, 2)}
 
 
-def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str, import_s: float,
-             previous: bool) -> tuple[list[dict], dict[str, Path]]:
-    """Match the planted pair of ``name``, then calibrate with today's defaults (and the previous ones)."""
+def _paired(a: Path, b: Path, device: str, family: str, dirs: dict[str, Path], repeats: int,
+            ) -> tuple[dict[str, Any], Any]:
+    """``repeats`` rounds of ``match(a, b)`` then a default calibration with its π, each pair run back to
+    back so both see the same machine: medians of the seconds and of the per-round ratio, the rounds'
+    ratios, and the first round's calibration record (the first calibration after a match in its
+    process, as in ``rebasin transfer``: its peak RSS is the one the plan predicts)."""
     from rebasin.matching.api import match
+
+    rounds: list[tuple[float, dict[str, Any]]] = []
+    result = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = match(a, b, device=device)
+        rounds.append((time.perf_counter() - t0, _calibrate({**dirs, "B": b}, result.perms, family)))
+    first = rounds[0][1]
+    ratios = [c["calibrate_s"] / m for m, c in rounds]
+    rec = {**first, "match_s": round(statistics.median(m for m, _ in rounds), 2),
+           "calibrate_s": round(statistics.median(c["calibrate_s"] for _, c in rounds), 2),
+           "calibrate_over_match": round(statistics.median(ratios), 3),
+           "ratio_per_round": [round(r, 3) for r in ratios], "rounds": repeats}
+    return rec, result
+
+
+def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str, import_s: float,
+             previous: bool, repeats: int) -> tuple[list[dict], dict[str, Path]]:
+    """Match and calibrate the planted pair of ``name`` (:func:`_paired`), then the other cases once."""
     from rebasin.model import open_model
 
     dirs = build_checkpoints(name, arch, cfg, cache)
-    t0 = time.perf_counter()
-    result = match(dirs["A"], dirs["B"], device=device)
-    match_s = time.perf_counter() - t0
+    family = "llama" if arch.startswith("Llama") else "qwen2"
     params = open_model(dirs["A"]).checkpoint.numel()
-    cases = [("defaults", {})]
+    rec, result = _paired(dirs["A"], dirs["B"], device, family, dirs, repeats)
+    records = [{"case": f"{name} calibrate, defaults", "model": name, "transformers_import_s": round(import_s, 2),
+                **rec, "load1": round(os.getloadavg()[0], 2), "params": params}]
+    print(records[-1], flush=True)
+    cases = []
     if previous:
         cases.append(("16 x 64 probes (the previous default shape)", {"probe_count": 16, "probe_length": 64}))
         cases.append(("--alpha-target transferred", {"target": "transferred"}))
-    records = []
     for label, options in cases:
-        rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": round(match_s, 2),
-               "transformers_import_s": round(import_s, 2),
-               **_calibrate(dirs, result.perms, "llama" if arch.startswith("Llama") else "qwen2", **options),
-               "load1": round(os.getloadavg()[0], 2), "params": params}
-        rec["calibrate_over_match"] = round(rec["calibrate_s"] / match_s, 3)
+        one = _calibrate(dirs, result.perms, family, **options)
+        rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": records[0]["match_s"],
+               "transformers_import_s": round(import_s, 2), **one, "load1": round(os.getloadavg()[0], 2),
+               "params": params, "rounds": 1}
+        rec["calibrate_over_match"] = round(rec["calibrate_s"] / rec["match_s"], 3)
         records.append(rec)
         print(rec, flush=True)
     return records, dirs
@@ -113,29 +142,24 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
 def run(quick: bool, device: str) -> list[dict]:
     from benchmarks.bench_scale import configs
     from rebasin.hf import require_transformers
-    from rebasin.matching.api import match
     from rebasin.model import open_model
 
     cache = Path(os.environ.get("REBASIN_SCALE_CACHE", Path.home() / ".cache" / "rebasin" / "scale"))
     name = "llama-tiny" if quick else "llama-125m"
+    repeats = 1 if quick else REPEATS
     t0 = time.perf_counter()
     transformers = require_transformers("the calibration benchmark")
     for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):  # their modeling code: imported once per process
         getattr(transformers, arch)
     import_s = time.perf_counter() - t0
-    records, dirs = _planted(name, "LlamaForCausalLM", SHAPES[name], cache, device, import_s, previous=True)
+    records, dirs = _planted(name, "LlamaForCausalLM", SHAPES[name], cache, device, import_s, True, repeats)
     independent = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache, seed=1)["A"]
-    t0 = time.perf_counter()
-    other = match(dirs["A"], independent, device=device)
-    other_s = time.perf_counter() - t0
-    rec = {"case": f"{name} calibrate onto an independent B', defaults", "model": name, "match_s": round(other_s, 2),
-           "match_sweeps": other.sweeps, "transformers_import_s": round(import_s, 2),
-           **_calibrate({**dirs, "B": independent}, other.perms, "llama"), "load1": round(os.getloadavg()[0], 2),
-           "params": open_model(dirs["A"]).checkpoint.numel()}
-    rec["calibrate_over_match"] = round(rec["calibrate_s"] / other_s, 3)
-    records.append(rec)
-    print(rec, flush=True)
+    rec, other = _paired(dirs["A"], independent, device, "llama", dirs, repeats)
+    records.append({"case": f"{name} calibrate onto an independent B', defaults", "model": name,
+                    "match_sweeps": other.sweeps, "transformers_import_s": round(import_s, 2), **rec,
+                    "load1": round(os.getloadavg()[0], 2), "params": open_model(dirs["A"]).checkpoint.numel()})
+    print(records[-1], flush=True)
     for big, (arch, cfg) in configs(quick).items():  # the fraction at the next size up (scale benchmark's pair)
         if big.startswith("qwen2"):
-            records += _planted(big, arch, cfg, cache, device, import_s, previous=False)[0]
+            records += _planted(big, arch, cfg, cache, device, import_s, False, repeats)[0]
     return records
