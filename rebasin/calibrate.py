@@ -81,6 +81,7 @@ LAYER_LR = 0.03
 LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
 SET_SLICE = 1 << 18  # elements per float32 slice when the candidate's parameters are set (1 MiB)
 LOGIT_BUDGET = 1 << 28  # bytes of teacher probabilities kept in float32 (else bfloat16)
+KL_BLOCK = 1 << 19  # output values per block of the KL (2 MiB in float32: a core's cache)
 TINY_PROB = 1e-30  # probabilities are floored here before their logs (a token both models rule out)
 TARGETS = ("finetune", "transferred")  # what the candidate is made to imitate (see the module docstring)
 BF16_MIN_PARAMS = 50_000_000  # smaller models: float32 forwards (cheap, and identical on every CPU)
@@ -377,16 +378,25 @@ class Teacher:
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
         """(sum of per-position divergences, number of positions) of chunk ``i`` (``out``: a forward's output)."""
-        return self._divergence(i, self._shared(primary_output(out).float(), "b"), sl)
+        return self._divergence(i, self._shared(primary_output(out), "b"), sl)
 
     def _divergence(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, int]:
-        """:meth:`divergence` of the output ``y`` on the shared vocabulary."""
-        t = self.targets[i].float()
+        """:meth:`divergence` of the output ``y`` (any float dtype) on the shared vocabulary."""
         if self.kind == "kl":
-            # KL(p ‖ softmax y) = Σ p·log p − Σ p·y + (Σ p)·logsumexp y
-            per = self.neg_entropy[i] - (t * y).sum(-1) + self.mass[i] * torch.logsumexp(y, dim=-1)
+            # KL(p ‖ softmax y) = Σ p·log p − Σ p·y + (Σ p)·logsumexp y, in float32, a few positions at a
+            # time: their float32 copies stay in cache (4.7× faster than whole chunks at a 152k vocabulary)
+            size = y.shape[-1]
+            ys, ts = y.reshape(-1, size), self.targets[i].reshape(-1, size)
+            ent, mass = self.neg_entropy[i].reshape(-1), self.mass[i].reshape(-1)
+            step = max(1, KL_BLOCK // size)
+            blocks = []
+            for a in range(0, ys.shape[0], step):
+                yb = ys[a:a + step].float()
+                blocks.append(ent[a:a + step] - (ts[a:a + step].float() * yb).sum(-1)
+                              + mass[a:a + step] * torch.logsumexp(yb, dim=-1))
+            per = torch.cat(blocks).view(y.shape[:-1])
         else:
-            per = (y - t).pow(2).mean(-1) / self.scale
+            per = (y.float() - self.targets[i].float()).pow(2).mean(-1) / self.scale
         pos = self.probes.positions
         if pos is not None and per.dim() == 2 and per.shape == pos[sl].shape:
             sel = pos[sl].to(per.device)
