@@ -27,6 +27,10 @@ Then the same match and calibration (defaults) on the scale benchmark's planted 
 pair (494M parameters, 151936-token vocabulary; ``--quick``: its tiny Qwen2): how the fraction
 moves with size.
 
+``REBASIN_CALIBRATION_LARGER=llama-2b`` runs only the scale benchmark's 1.9B-parameter
+Llama-3.2-like planted pair instead, one round (``--json benchmarks/results/calibration-cpu-2b.json``;
+~15 min on 2 cores).
+
 Reproduce: ``python -m benchmarks calibration`` (~7 min idle on 2 cores, plus a few minutes to
 build the checkpoints once; ``--quick``: tiny models, one round).
 """
@@ -152,6 +156,10 @@ def run(quick: bool, device: str) -> list[dict]:
     for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):  # their modeling code: imported once per process
         getattr(transformers, arch)
     import_s = time.perf_counter() - t0
+    larger = [x for x in os.environ.get("REBASIN_CALIBRATION_LARGER", "").split(",") if x]
+    if larger:  # only those pairs
+        return [rec for big, (arch, cfg) in configs(quick).items() if big in larger
+                for rec in _planted(big, arch, cfg, cache, device, import_s, False, 1)[0]]
     records, dirs = _planted(name, "LlamaForCausalLM", SHAPES[name], cache, device, import_s, True, repeats)
     independent = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache, seed=1)["A"]
     rec, other = _paired(dirs["A"], independent, device, "llama", dirs, repeats)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,9 +140,8 @@ class Calibration:
         reduction: ``1 − kl_chosen / kl_base``.
         kl_null, null_reduction: D and its reduction when the same task vector is moved by a random
             symmetry σ (``B + α·σ(π(τ))``): what the task vector's invariant parts and its size alone
-            buy. A transfer "carries over" only when most of the gain is lost under σ. Measured on
-            every other probe chunk and stated for all probes by the share of the gain σ keeps there.
-            None when the verdict is "does not carry over" without it (the null is then not evaluated).
+            buy. A transfer "carries over" only when most of the gain is lost under σ. None when
+            the verdict is "does not carry over" without it (the null is then not evaluated).
         curve: ``[[α, D(α)], ...]`` sorted by α.
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
@@ -335,13 +334,12 @@ class Teacher:
                 r = t.float() - y
             self.targets[i] = r  # float32: a log-ratio up to ~140 in bfloat16 would be off by up to 0.5
 
-    def onto(self, model: torch.nn.Module) -> dict[int, tuple[float, int]]:
+    def onto(self, model: torch.nn.Module) -> float:
         """Targets ← ``model``'s (B's) outputs moved by the stored change (:meth:`subtract`): the fine-tune
         carried over in output space, ``log p_T = log p_B + r`` renormalised (logits) or ``f_B + r``.
-        ``model`` is the candidate at α = 0: returns D(0) from these same forwards, as chunk →
-        (sum, positions)."""
+        ``model`` is the candidate at α = 0: returns D(0), measured on these same forwards."""
         store, slices = self._store(), self.slices()
-        d0: dict[int, tuple[float, int]] = {}
+        total, count = 0.0, 0
         features: dict[int, torch.Tensor] = {}
         for i, y, _ in self._outputs(model, "b"):
             r = self.targets[i].float()
@@ -351,16 +349,16 @@ class Teacher:
                 self.neg_entropy[i] = (p * logp).sum(-1)
                 self.targets[i] = p.to(store)
                 self.mass[i] = self.targets[i].float().sum(-1)
-                s, n = self._divergence(i, y, slices[i])
-                d0[i] = (float(s), n)
+                s, n = self.per_probe(i, y, slices[i])
+                total, count = total + float(s.sum()), count + int(n.sum())
             else:
                 self.targets[i] = y + r
-                features[i] = y
-        self._settle()  # the features' scale needs every target first
+                features[i] = y  # measured below: the features' scale needs every target first
+        self._settle()
         for i, y in features.items():
-            s, n = self._divergence(i, y, slices[i])
-            d0[i] = (float(s), n)
-        return d0
+            s, n = self.per_probe(i, y, slices[i])
+            total, count = total + float(s.sum()), count + int(n.sum())
+        return max(total / max(count, 1), 0.0)
 
     def slices(self) -> list[slice]:
         n = len(self.probes)
@@ -378,10 +376,16 @@ class Teacher:
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
         """(sum of per-position divergences, number of positions) of chunk ``i`` (``out``: a forward's output)."""
-        return self._divergence(i, self._shared(primary_output(out), "b"), sl)
+        s, n = self.per_probe(i, self.output(out), sl)
+        return s.sum(), int(n.sum())
 
-    def _divergence(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, int]:
-        """:meth:`divergence` of the output ``y`` (any float dtype) on the shared vocabulary."""
+    def output(self, out: Any) -> torch.Tensor:
+        """The candidate's output to compare, on the shared vocabulary (the forward's dtype)."""
+        return self._shared(primary_output(out), "b")
+
+    def per_probe(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-position divergences, number of positions), each ``(r,)``, per probe of chunk ``i``
+        (``sl``), for the output ``y`` (any float dtype) on it."""
         if self.kind == "kl":
             # KL(p ‖ softmax y) = Σ p·log p − Σ p·y + (Σ p)·logsumexp y, in float32, a few positions at a
             # time: their float32 copies stay in cache (4.7× faster than whole chunks at a 152k vocabulary)
@@ -400,31 +404,23 @@ class Teacher:
         pos = self.probes.positions
         if pos is not None and per.dim() == 2 and per.shape == pos[sl].shape:
             sel = pos[sl].to(per.device)
-            return per[sel].sum(), int(sel.sum())
-        return per.sum(), per.numel()
+            return torch.where(sel, per, 0.0).sum(-1), sel.sum(-1)
+        flat = per.reshape(per.shape[0], -1)
+        return flat.sum(-1), torch.full((flat.shape[0],), flat.shape[1])
 
 
 def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
               slices: list[int] | None = None,
-              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-              parts: dict[int, tuple[float, int]] | None = None) -> float:
-    """D at ``alpha`` over the chunks ``slices`` (all by default); ``parts`` collects chunk → (sum, positions)."""
+              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> float:
+    """D at ``alpha`` over the chunks ``slices`` (all by default)."""
     cand.set(alpha, transform)
+    total, count = 0.0, 0
     chosen = slices if slices is not None else range(len(teacher.targets))
     all_slices = teacher.slices()
-    found = {} if parts is None else parts
     with torch.no_grad():
         for i in chosen:
-            sl = all_slices[i]
-            s, n = teacher.divergence(i, cand.module(**teacher.inputs(sl)), sl)
-            found[i] = (float(s), n)
-    return _mean(found, chosen)
-
-
-def _mean(parts: Mapping[int, tuple[float, int]], chunks: Iterable[int]) -> float:
-    """D over ``chunks`` from per-chunk (sum, positions)."""
-    total = sum(parts[i][0] for i in chunks)
-    count = sum(parts[i][1] for i in chunks)
+            s, n = teacher.divergence(i, cand.module(**teacher.inputs(all_slices[i])), all_slices[i])
+            total, count = total + float(s), count + n
     return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
 
 
@@ -540,25 +536,16 @@ def output_index(model: torch.nn.Module, family: str, perms: Mapping[str, torch.
     return perms[fixed[0]]
 
 
-def _null_reduction(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
-                    alpha: float | Mapping[str, float], seed: int, base: Mapping[int, tuple[float, int]],
-                    chosen: Mapping[int, tuple[float, int]], reduction: float) -> float:
-    """The null model of the verdict: the reduction of D at ``alpha`` when the task vector is moved by a
-    random symmetry σ, on every other probe chunk (the null decides a share, not a value: half the
-    forwards), reported on all probes as ``reduction`` × the share of the gain that survives σ on
-    those chunks (``base``, ``chosen``: per-chunk D at α = 0 and at ``alpha``). σ(δ) is formed tensor
-    by tensor as the candidate is set, never as a second copy of δ."""
+def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
+                     alpha: float | Mapping[str, float], seed: int) -> float:
+    """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict);
+    σ(δ) is formed tensor by tensor as the candidate is set, never as a second copy of δ."""
     spec = module_spec(b, family)
     sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
 
     def moved(name: str, d: torch.Tensor) -> torch.Tensor:
         return permute_tensor(spec, name, d, sigma) if name in spec.axes else d  # a gather: exact in any dtype
-    half = list(range(0, len(teacher.targets), 2))
-    d0, gain = _mean(base, half), _mean(base, half) - _mean(chosen, half)
-    if gain <= 0:  # no gain on these chunks to be specific about: all of it is counted as the null's
-        return reduction
-    null_gain = d0 - _evaluate(cand, teacher, alpha, half, transform=moved)
-    return reduction * null_gain / gain
+    return _evaluate(cand, teacher, alpha, transform=moved)
 
 
 def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = None,
@@ -726,11 +713,9 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                            file=new_base)
     cand = Candidate(b, delta, dtype)
     curve: dict[float, float] = {}
-    parts: dict[float, dict[int, tuple[float, int]]] = {}  # α → chunk → (sum, positions)
     if target == "transferred":
         cand.set(0.0)
-        parts[0.0] = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
-        curve[0.0] = _mean(parts[0.0], parts[0.0])
+        curve[0.0] = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
     lap("base")
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
@@ -739,7 +724,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         a = a if exact else cand.representable(a)
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
-            curve[a] = _evaluate(cand, teacher, a, parts=parts.setdefault(a, {}))
+            curve[a] = _evaluate(cand, teacher, a)
             bar.update(1)
         return curve[a]
 
@@ -749,7 +734,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     if isinstance(alpha, str):
         _search(f, curve)
         chosen = min(curve, key=curve.get)
-        kl_chosen, chosen_parts = curve[chosen], parts[chosen]
+        kl_chosen = curve[chosen]
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
             n = len(teacher.targets)
             fit, held = list(range(0, n, 2)), list(range(1, n, 2))
@@ -762,22 +747,21 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
                          "kept": kept, "steps": layer_steps}
             if kept:
-                alphas, chosen_parts = per_block, {}
-                kl_chosen = _evaluate(cand, teacher, per_block, parts=chosen_parts)
+                alphas = per_block
+                kl_chosen = _evaluate(cand, teacher, per_block)
     else:
         for a in sorted({0.0, 1.0, float(alpha)}):
             f(a, exact=True)
         chosen = float(alpha)
-        kl_chosen, chosen_parts = curve[chosen], parts[chosen]
+        kl_chosen = curve[chosen]
     kl_base = curve[0.0]
     reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
     bar.close()
     lap("search")
     kl_null = null_reduction = None
     if carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
-        null_reduction = _null_reduction(cand, teacher, b, family, alphas if alphas is not None else chosen, seed,
-                                         parts[0.0], chosen_parts, reduction)
-        kl_null = kl_base * (1.0 - null_reduction)
+        kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
+        null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
     lap("null")
     verdict, line = _verdict(chosen, reduction, null_reduction, requested, teacher.kind.upper(),
                              "the fine-tune" if target == "finetune" else "the fine-tune's change applied to B")
