@@ -205,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-target", type=alpha_target, default="finetune", metavar="finetune|transferred",
                    help="what calibration makes the output imitate: finetune (default: A_ft itself) or "
                         "transferred (B's outputs moved by the fine-tune's change over A: keeps B where the "
-                        "fine-tune did not act, sees gains between independent bases; two more forwards: A's, "
-                        "and B's to form the target)")
+                        "fine-tune did not act, sees gains between independent bases; one more forward: A's)")
     p.add_argument("--require-gain", type=fraction, metavar="X", help="fail (exit 7, nothing written) when "
                    "calibration's relative divergence (KL; NMSE for headless models) reduction over the new base "
                    "is below X (e.g. 0.1)")
