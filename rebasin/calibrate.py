@@ -348,16 +348,17 @@ class Teacher:
                 p = logp.exp()
                 self.neg_entropy[i] = (p * logp).sum(-1)
                 self.targets[i] = p.to(store)
-                self.mass[i] = self.targets[i].float().sum(-1)
-                s, n = self.per_probe(i, y, slices[i])
-                total, count = total + float(s.sum()), count + int(n.sum())
+                self.mass[i] = self.targets[i].float().sum(-1)  # what _settle gives
+                s, n = self._divergence(i, y, slices[i])
+                total, count = total + float(s), count + n
             else:
                 self.targets[i] = y + r
                 features[i] = y  # measured below: the features' scale needs every target first
-        self._settle()
+        if features:
+            self._settle()
         for i, y in features.items():
-            s, n = self.per_probe(i, y, slices[i])
-            total, count = total + float(s.sum()), count + int(n.sum())
+            s, n = self._divergence(i, y, slices[i])
+            total, count = total + float(s), count + n
         return max(total / max(count, 1), 0.0)
 
     def slices(self) -> list[slice]:
@@ -376,16 +377,10 @@ class Teacher:
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
         """(sum of per-position divergences, number of positions) of chunk ``i`` (``out``: a forward's output)."""
-        s, n = self.per_probe(i, self.output(out), sl)
-        return s.sum(), int(n.sum())
+        return self._divergence(i, self._shared(primary_output(out), "b"), sl)
 
-    def output(self, out: Any) -> torch.Tensor:
-        """The candidate's output to compare, on the shared vocabulary (the forward's dtype)."""
-        return self._shared(primary_output(out), "b")
-
-    def per_probe(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-position divergences, number of positions), each ``(r,)``, per probe of chunk ``i``
-        (``sl``), for the output ``y`` (any float dtype) on it."""
+    def _divergence(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, int]:
+        """:meth:`divergence` of the output ``y`` (any float dtype) on the shared vocabulary."""
         if self.kind == "kl":
             # KL(p ‖ softmax y) = Σ p·log p − Σ p·y + (Σ p)·logsumexp y, in float32, a few positions at a
             # time: their float32 copies stay in cache (4.7× faster than whole chunks at a 152k vocabulary)
@@ -404,9 +399,8 @@ class Teacher:
         pos = self.probes.positions
         if pos is not None and per.dim() == 2 and per.shape == pos[sl].shape:
             sel = pos[sl].to(per.device)
-            return torch.where(sel, per, 0.0).sum(-1), sel.sum(-1)
-        flat = per.reshape(per.shape[0], -1)
-        return flat.sum(-1), torch.full((flat.shape[0],), flat.shape[1])
+            return per[sel].sum(), int(sel.sum())
+        return per.sum(), per.numel()
 
 
 def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
@@ -419,7 +413,8 @@ def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, flo
     all_slices = teacher.slices()
     with torch.no_grad():
         for i in chosen:
-            s, n = teacher.divergence(i, cand.module(**teacher.inputs(all_slices[i])), all_slices[i])
+            sl = all_slices[i]
+            s, n = teacher.divergence(i, cand.module(**teacher.inputs(sl)), sl)
             total, count = total + float(s), count + n
     return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
 
