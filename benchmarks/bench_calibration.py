@@ -138,6 +138,7 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
                "transformers_import_s": round(import_s, 2), **one, "load1": round(os.getloadavg()[0], 2),
                "params": params, "rounds": 1}
         rec["calibrate_over_match"] = round(rec["calibrate_s"] / rec["match_s"], 3)
+        rec["calibrate_s"] = round(rec["calibrate_s"], 2)
         records.append(rec)
         print(rec, flush=True)
     return records, dirs
@@ -157,6 +158,10 @@ def run(quick: bool, device: str) -> list[dict]:
         getattr(transformers, arch)
     import_s = time.perf_counter() - t0
     larger = [x for x in os.environ.get("REBASIN_CALIBRATION_LARGER", "").split(",") if x]
+    unknown = set(larger) - set(configs(quick))
+    if unknown:
+        raise SystemExit(f"REBASIN_CALIBRATION_LARGER: unknown pair(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(configs(quick))}")
     if larger:  # only those pairs
         return [rec for big, (arch, cfg) in configs(quick).items() if big in larger
                 for rec in _planted(big, arch, cfg, cache, device, import_s, False, 1)[0]]

@@ -570,3 +570,7 @@ def test_gather_is_index_select_bit_for_bit(dtype, shape):
         assert torch.equal(out, t.index_select(axis, index))
         if shape[axis] > 1:  # control: another order is told apart
             assert not torch.equal(gather(t, axis, index.roll(1)), out)
+        view = t.transpose(0, -1)  # non-contiguous input: the result is still a fresh contiguous tensor
+        index = torch.randperm(view.shape[axis], generator=g)
+        out = gather(view, axis, index)
+        assert out.is_contiguous() and torch.equal(out, view.index_select(axis, index))

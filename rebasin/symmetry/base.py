@@ -45,7 +45,7 @@ def gather(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor
     index = index.to(tensor.device)
     if axis % max(tensor.dim(), 1) == 0 or tensor.device.type != "cpu":
         return tensor.index_select(axis, index)
-    return tensor[(slice(None),) * (axis % tensor.dim()) + (index,)]
+    return tensor[(slice(None),) * (axis % tensor.dim()) + (index,)].contiguous()  # as index_select's, always
 
 
 def arange_rows(shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
