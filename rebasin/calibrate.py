@@ -65,6 +65,7 @@ from rebasin.io.checkpoint import DTYPES, Checkpoint, open_checkpoint
 from rebasin.permutation import has_rotations, permute_tensor, random_perms
 from rebasin.probes import Probes, cast_inputs, make_probes
 from rebasin.streaming import reuse_freed_memory
+from rebasin.symmetry import gather
 from rebasin.vocab import VocabMap
 
 ALPHA_MAX = 2.0
@@ -319,7 +320,7 @@ class Teacher:
                 is not None
             y = self._shared(primary_output(out).float(), side)
             if side == "a" and not has_logits and self.out_index is not None and y.shape[-1] == len(self.out_index):
-                y = y.index_select(-1, self.out_index.to(y.device))
+                y = gather(y, -1, self.out_index)
             yield i, y, has_logits
 
     def subtract(self, model: torch.nn.Module) -> None:
@@ -369,7 +370,7 @@ class Teacher:
         if self.vocab is None:
             return y
         size, rows = (self.vocab.size_a, self.vocab.a_rows) if side == "a" else (self.vocab.size_b, self.vocab.b_rows)
-        return y.index_select(-1, rows.to(y.device)) if y.shape[-1] == size else y
+        return gather(y, -1, rows) if y.shape[-1] == size else y
 
     def inputs(self, sl: slice) -> dict[str, torch.Tensor]:
         """The candidate's inputs for slice ``sl`` (floating inputs in the fine-tune's dtype, the candidate's too)."""
@@ -630,7 +631,7 @@ def place_delta(tau: Mapping[str, torch.Tensor], b_module: torch.nn.Module,
         if vocab is None or len(axes) != 1:
             continue
         full = torch.zeros(target.shape, dtype=d.dtype)
-        full.index_copy_(axes[0], vocab.b_rows, d.index_select(axes[0], vocab.a_rows))
+        full.index_copy_(axes[0], vocab.b_rows, gather(d, axes[0], vocab.a_rows))
         out[k] = full
     return out
 

@@ -35,6 +35,7 @@ from rebasin.model import Model, open_model
 from rebasin.permutation import has_rotations, identity, permute_tensor, restrict, validate
 from rebasin.report import REPORT_FILES, write_report
 from rebasin.streaming import check_finite_chunk, permuted_rows, return_freed_memory, row_chunks
+from rebasin.symmetry import gather
 from rebasin.vocab import VocabMap, vocab_map
 
 ALPHA_MODES = ("auto", "auto-layer")
@@ -385,7 +386,7 @@ def _write_full(tmp: Path, a: Model, ft: Model, b: Model, pi: dict[str, torch.Te
                 delta = permute_tensor(a.spec, name, delta, pi)
             rows_b, rows_a = vocab.b_rows, vocab.a_rows
             out = tb.to(torch.float32)
-            moved = out.index_select(axis, rows_b) + alpha * delta.index_select(axis, rows_a)
+            moved = gather(out, axis, rows_b) + alpha * gather(delta, axis, rows_a)
             out = out.index_copy(axis, rows_b, moved).to(dtype)
             check_finite_chunk(out, [(tb, bk.where(name), name), (tf, fk.where(name), name),
                                      (ta, ak.where(name), name)], f"{name}: {overflow}")
