@@ -25,16 +25,21 @@ T gives D(0) too).
   the smooth, single-dipped curves task vectors give. A minimum at α = :data:`ALPHA_MAX` is
   reported, never extended: D still falling there means the candidate imitates the fine-tune
   by amplifying the task vector, not that the fine-tune carries over (see :func:`carries_over`).
+  The α written is the smallest whose D is within one standard error of the minimum's, paired
+  over the probes (:func:`within_noise`; no extra forward to find it, one to measure it): where
+  the probes cannot tell them apart, the α nearer to B, which costs B's own task less; when even
+  α = 0 is within that noise, the verdict is "does not carry over".
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
-  layers), fitted by Adam on the same D, regularised toward the global α; kept only if it
-  also lowers D on held-out probes. Only the α's are fitted, never the weights.
+  layers), fitted by Adam on the same D, regularised toward the global α; kept only if on
+  held-out probes it lowers D below the best global α's by more than the paired standard
+  error. Only the α's are fitted, never the weights.
 
 Everything runs on ``transformers`` modules: module names can differ from checkpoint names,
 so tensors are matched to blocks by :func:`block_of`, which reads the same block from both.
 
 Cost: the probe forwards dominate (sampling the probes, which gives the fine-tune's targets on
 sampled probes; other probes take one more forward for them; one forward of the candidate per α
-evaluated, 4–8, and the null model's). Models of
+evaluated, 4–8, one more when the α written is not one of them, and the null model's). Models of
 :data:`BF16_MIN_PARAMS` parameters and more run those forwards in bfloat16 where this machine's
 bfloat16 GEMMs are at least :data:`BF16_SPEEDUP` times its float32 ones (CPUs with AMX or
 AVX512-BF16); B's values are kept exactly as loaded, δ in the forward dtype, and every sum
@@ -70,9 +75,12 @@ from rebasin.vocab import VocabMap
 
 ALPHA_MAX = 2.0
 PROBES_SMALL = (32, 128)  # synthetic probes (count, tokens each) by default
-PROBES_LARGE = (32, 32)  # ... for models of LARGE_PARAMS parameters and more: forwards cost ∝ parameters ×
-# tokens, and a sampling step costs about the same for 16 or 32 rows (it reads every weight once)
+PROBES_LARGE = (64, 16)  # ... for models of LARGE_PARAMS parameters and more: forwards cost ∝ parameters ×
+# tokens, a sampling step costs about the same for 32 or 64 rows (it reads every weight once), and α's
+# standard error (within_noise) falls with the number of probes, the independent units
 LARGE_PARAMS = 100_000_000
+CLASSIFIER_PROBES = 128  # image classifiers' default count: one output distribution per probe (an LM gives
+# one per token), and the standard error that settles α (within_noise) needs that many
 REFINE_STEPS = 5
 REFINE_TOL = 0.05  # α resolution of the refinement: D is flat to a fraction of a percent within it
 CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
@@ -90,9 +98,13 @@ BF16_SPEEDUP = 2.0  # bfloat16 forwards only where bfloat16 GEMMs run at least t
 _LAYER = re.compile(r"\.(\d+)(?=\.)")
 
 
-def probe_shape(n_params: int, count: int | None = None, length: int | None = None) -> tuple[int, int]:
-    """(probe count, tokens each): the given ones, else the defaults for a model of ``n_params``."""
+def probe_shape(n_params: int, count: int | None = None, length: int | None = None,
+                config: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """(probe count, tokens each): the given ones, else the defaults for a model of ``n_params`` with
+    checkpoint ``config`` (image classifiers: :data:`CLASSIFIER_PROBES` images)."""
     default_count, default_length = PROBES_LARGE if n_params >= LARGE_PARAMS else PROBES_SMALL
+    if any(a.endswith("ForImageClassification") for a in (config or {}).get("architectures") or []):
+        default_count = CLASSIFIER_PROBES
     return count or default_count, length or default_length
 
 
@@ -150,6 +162,8 @@ class Calibration:
         phases: seconds per phase: load (the fine-tune and the task vector), probes, teacher (the
             fine-tune's targets), base (B), search (the α evaluations, and the per-layer fit), null.
         target: "finetune" (D compares with A_ft) or "transferred" (with A_ft's change applied to B).
+        alpha_min: where the search found D's minimum ("auto"); ``alpha`` is the smallest α whose D is
+            within one standard error of it (:func:`within_noise`). None for a given α.
     """
 
     alpha: float
@@ -171,6 +185,7 @@ class Calibration:
     dtype: str = "float32"
     phases: dict[str, float] | None = None
     target: str = "finetune"
+    alpha_min: float | None = None
 
     def alpha_of(self, tensor: str) -> float:
         """The α a checkpoint (or module) tensor receives."""
@@ -264,6 +279,30 @@ def bridge_vocab(probes: Probes, vocab: VocabMap, seed: int) -> tuple[Probes, Pr
     return teacher, student
 
 
+def distribution(logits: torch.Tensor, store: torch.dtype, shift: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p = softmax(x) stored in ``store``, Σ p·log p in float32, Σ p as stored) per position of
+    ``x = logits`` ``(..., V)``, or of ``x = log_softmax(logits) + shift`` (same shape), computed in
+    float32 a few positions at a time: their copies stay in cache."""
+    size = logits.shape[-1]
+    flat = logits.reshape(-1, size)
+    moved = shift.reshape(-1, size) if shift is not None else None
+    p = torch.empty(flat.shape, dtype=store)
+    neg_entropy, mass = torch.empty(flat.shape[0]), torch.empty(flat.shape[0])
+    step = max(1, KL_BLOCK // size)
+    for a in range(0, flat.shape[0], step):
+        x = flat[a:a + step].float()
+        if moved is not None:
+            x = torch.log_softmax(x, dim=-1).add_(moved[a:a + step])
+        logp = torch.log_softmax(x, dim=-1)
+        pb = logp.exp()
+        neg_entropy[a:a + step] = (pb * logp).sum(-1)
+        kept = p[a:a + step]
+        kept.copy_(pb)
+        mass[a:a + step] = (kept if store == torch.float32 else kept.float()).sum(-1)
+    return p.view(logits.shape), neg_entropy.view(logits.shape[:-1]), mass.view(logits.shape[:-1])
+
+
 class Teacher:
     """The fine-tune's output distributions on the probes, computed once, chunk by chunk (or taken
     from the logits the fine-tune sampled the probes with).
@@ -281,18 +320,26 @@ class Teacher:
         self.dtype = next(model.parameters()).dtype
         self.targets: list[torch.Tensor] = []  # KL: probabilities p; NMSE: features
         self.neg_entropy: list[torch.Tensor] = []  # KL: Σ p·log p per position
+        self.mass: list[torch.Tensor] = []  # KL: Σ p per position as stored
         self.kind = "kl"
         known = probes.logits if vocab is None else None  # the sampler's logits: A_ft's outputs already
-        outputs = ((i, known[sl].float(), True) for i, sl in enumerate(self.slices())) if known is not None \
-            else self._outputs(model, "a")
-        for _, y, has_logits in outputs:
+        if known is not None:  # every target's size is known: stored at once in _store's dtype
+            store = torch.bfloat16 if known.numel() * 4 > LOGIT_BUDGET else torch.float32
+            for sl in self.slices():
+                self._append(*distribution(known[sl], store))
+            return
+        for _, y, has_logits in self._outputs(model, "a"):
             self.kind = "kl" if has_logits else "nmse"
             if has_logits:
-                logp = torch.log_softmax(y, dim=-1)
-                y = logp.exp()
-                self.neg_entropy.append((y * logp).sum(-1))
-            self.targets.append(y)
+                self._append(*distribution(y, torch.float32))
+            else:
+                self.targets.append(y)
         self._settle()
+
+    def _append(self, p: torch.Tensor, neg_entropy: torch.Tensor, mass: torch.Tensor) -> None:
+        self.targets.append(p)
+        self.neg_entropy.append(neg_entropy)
+        self.mass.append(mass)
 
     def _store(self) -> torch.dtype:
         """The targets' storage dtype: float32 within :data:`LOGIT_BUDGET`, else bfloat16."""
@@ -302,8 +349,9 @@ class Teacher:
         """Store the targets in :meth:`_store`'s dtype, then Σ p per position as stored (1 up to that
         rounding: keeps D(α) an exact cross-entropy), or the features' scale."""
         store = self._store()
-        self.targets = [t.to(store) for t in self.targets]
-        self.mass = [t.float().sum(-1) for t in self.targets] if self.kind == "kl" else []
+        if self.kind == "kl" and any(t.dtype != store for t in self.targets):
+            self.targets = [t.to(store) for t in self.targets]
+            self.mass = [t.float().sum(-1) for t in self.targets]
         if self.kind == "nmse":
             allv = torch.cat([t.flatten(0, -2) for t in self.targets]).float()
             self.scale = float(allv.var(dim=0).mean().clamp_min(1e-12))
@@ -335,23 +383,21 @@ class Teacher:
                 r = t.float() - y
             self.targets[i] = r  # float32: a log-ratio up to ~140 in bfloat16 would be off by up to 0.5
 
-    def onto(self, model: torch.nn.Module) -> float:
+    def onto(self, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
         """Targets ← ``model``'s (B's) outputs moved by the stored change (:meth:`subtract`): the fine-tune
         carried over in output space, ``log p_T = log p_B + r`` renormalised (logits) or ``f_B + r``.
-        ``model`` is the candidate at α = 0: returns D(0), measured on these same forwards."""
+        ``model`` is the candidate at α = 0: returns D(0) as :func:`_per_probe` gives it (per-probe
+        sums ``(probes,)`` float64, positions), measured on these same forwards."""
         store, slices = self._store(), self.slices()
-        total, count = 0.0, 0
+        sums: dict[int, torch.Tensor] = {}
+        count = 0
         features: dict[int, torch.Tensor] = {}
         for i, y, _ in self._outputs(model, "b"):
             r = self.targets[i].float()
             if self.kind == "kl":
-                logp = torch.log_softmax(torch.log_softmax(y, dim=-1) + r, dim=-1)
-                p = logp.exp()
-                self.neg_entropy[i] = (p * logp).sum(-1)
-                self.targets[i] = p.to(store)
-                self.mass[i] = self.targets[i].float().sum(-1)  # what _settle gives
+                self.targets[i], self.neg_entropy[i], self.mass[i] = distribution(y, store, shift=r)
                 s, n = self._divergence(i, y, slices[i])
-                total, count = total + float(s), count + n
+                sums[i], count = s.double(), count + n
             else:
                 self.targets[i] = y + r
                 features[i] = y  # measured below: the features' scale needs every target first
@@ -359,8 +405,8 @@ class Teacher:
             self._settle()
         for i, y in features.items():
             s, n = self._divergence(i, y, slices[i])
-            total, count = total + float(s), count + n
-        return max(total / max(count, 1), 0.0)
+            sums[i], count = s.double(), count + n
+        return torch.cat([sums[i] for i in sorted(sums)]), count
 
     def slices(self) -> list[slice]:
         n = len(self.probes)
@@ -377,7 +423,8 @@ class Teacher:
         return cast_inputs(self.student.batch(sl).inputs, self.dtype)
 
     def divergence(self, i: int, out: Any, sl: slice) -> tuple[torch.Tensor, int]:
-        """(sum of per-position divergences, number of positions) of chunk ``i`` (``out``: a forward's output)."""
+        """(per-probe sums of the per-position divergences ``(probes in the chunk,)``, number of positions)
+        of chunk ``i`` (``out``: a forward's output)."""
         return self._divergence(i, self._shared(primary_output(out), "b"), sl)
 
     def _divergence(self, i: int, y: torch.Tensor, sl: slice) -> tuple[torch.Tensor, int]:
@@ -400,24 +447,34 @@ class Teacher:
         pos = self.probes.positions
         if pos is not None and per.dim() == 2 and per.shape == pos[sl].shape:
             sel = pos[sl].to(per.device)
-            return per[sel].sum(), int(sel.sum())
-        return per.sum(), per.numel()
+            return torch.where(sel, per, 0.0).sum(1), int(sel.sum())
+        return per.reshape(per.shape[0], -1).sum(1), per.numel()
 
 
 def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
               slices: list[int] | None = None,
               transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> float:
     """D at ``alpha`` over the chunks ``slices`` (all by default)."""
+    sums, count = _per_probe(cand, teacher, alpha, slices, transform)
+    return max(float(sums.sum()) / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
+
+
+def _per_probe(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
+               slices: list[int] | None = None,
+               transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """(per-probe sums of the divergence ``(probes,)`` float64, number of positions) at ``alpha`` over
+    the chunks ``slices`` (all by default): D = sums.sum() / positions."""
     cand.set(alpha, transform)
-    total, count = 0.0, 0
+    sums, count = [], 0
     chosen = slices if slices is not None else range(len(teacher.targets))
     all_slices = teacher.slices()
     with torch.no_grad():
         for i in chosen:
             sl = all_slices[i]
             s, n = teacher.divergence(i, cand.module(**teacher.inputs(sl)), sl)
-            total, count = total + float(s), count + n
-    return max(total / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
+            sums.append(s.double())
+            count += n
+    return torch.cat(sums), count
 
 
 def _search(f: Any, curve: dict[float, float]) -> None:
@@ -432,6 +489,43 @@ def _search(f: Any, curve: dict[float, float]) -> None:
     elif best == 0.0:
         f(0.25)
     _refine(f, curve, REFINE_STEPS, REFINE_TOL)
+
+
+def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor], grid: int = 64) -> float:
+    """The smallest α whose D is within one standard error of the minimum's: the α written by "auto".
+
+    ``sums[α]`` are the per-probe sums behind ``curve[α] = sums[α].sum() / positions``. Probes are
+    the independent units, so ``D(α) − D(α*)`` has the paired standard error
+    ``√n · std_i(s_i(α) − s_i(α*)) / positions`` over the n probes. Between evaluated points each probe's
+    s_i is the parabola through three consecutive evaluated points (no forward is spent); scanning
+    down from the minimum α*, α is lowered while the rise of D stays within one standard error
+    (the one-standard-error rule of model selection, with B as the simplest model). Where the probes
+    cannot tell α* from a smaller α, the smaller one is written: it stays nearer to B, whose own
+    task a larger task vector costs more. A minimum at 0 or at the top end is returned as it is.
+    """
+    xs = sorted(curve)
+    best = min(curve, key=curve.get)
+    i = xs.index(best)
+    if i == 0 or i == len(xs) - 1 or any(sums.get(x) is None for x in xs[:i + 2]):
+        return best
+    ref = sums[best]
+    n = ref.numel()
+    if n < 2:
+        return best  # no spread to measure
+    lowest = best
+    for j in range(i - 1, -1, -1):  # segment [xs[j], xs[j+1]], scanned downward
+        x = xs[j:j + 3]
+        y = torch.stack([sums[a] for a in x])  # (3, n)
+        grid_a = torch.linspace(xs[j + 1], xs[j], grid, dtype=torch.float64)
+        basis = torch.stack([(grid_a - x[(k + 1) % 3]) * (grid_a - x[(k + 2) % 3])
+                             / ((x[k] - x[(k + 1) % 3]) * (x[k] - x[(k + 2) % 3])) for k in range(3)], 1)
+        rise = basis @ y - ref  # (grid, n)
+        within = rise.sum(1) <= math.sqrt(n) * rise.std(1)
+        if not bool(within.all()):
+            first_out = int((~within).nonzero()[0, 0])
+            return float(grid_a[first_out - 1]) if first_out > 0 else lowest
+        lowest = xs[j]
+    return lowest
 
 
 def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
@@ -479,7 +573,7 @@ def _fit_layers(cand: Candidate, teacher: Teacher, alpha: float, kl_alpha: float
         out = torch.func.functional_call(cand.module, params, args=(), kwargs=teacher.inputs(sl),
                                          strict=False)
         s, n = teacher.divergence(i, out, sl)
-        loss = s / max(n, 1) + reg * (alphas - alpha).pow(2).sum()
+        loss = s.sum() / max(n, 1) + reg * (alphas - alpha).pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -501,10 +595,12 @@ def _percent(x: float) -> str:
 
 
 def _verdict(alpha: float, reduction: float, null_reduction: float | None, requested: str, name: str = "KL",
-             target: str = "the fine-tune") -> tuple[str, str]:
-    """(verdict, its line); ``name`` of the divergence ("KL" or "NMSE"), ``target`` what was imitated."""
-    pct = (f"{name} unchanged" if reduction == 0 else f"{name} −{_percent(reduction)}" if reduction > 0
-           else f"{name} +{_percent(-reduction)}")
+             target: str = "the fine-tune", minimum: tuple[float, float] | None = None) -> tuple[str, str]:
+    """(verdict, its line); ``name`` of the divergence ("KL" or "NMSE"), ``target`` what was imitated,
+    ``minimum`` (α, reduction) of the curve's minimum when ``alpha`` was lowered from it (within_noise)."""
+    def change(x: float) -> str:
+        return f"{name} unchanged" if x == 0 else f"{name} −{_percent(x)}" if x > 0 else f"{name} +{_percent(-x)}"
+    pct = change(reduction)
     null = (f"; a randomly re-ordered task vector: {name} −{_percent(null_reduction)}"
             if (null_reduction or 0) > 0 else "")
     ok = carries_over(reduction, null_reduction or 0.0, alpha if requested in ("auto", "auto-layer") else 0.0)
@@ -514,8 +610,13 @@ def _verdict(alpha: float, reduction: float, null_reduction: float | None, reque
                     f"than B itself ({pct} vs B); try --alpha auto")
         verdict = "carries over" if ok else "does not carry over"
         return verdict, f"{verdict}: α = {alpha:g} (given), {pct} vs B{null if not ok else ''}"
+    lowered = f"the minimum at α = {minimum[0]:.2f} ({change(minimum[1])})" if minimum is not None else ""
     if ok:
-        return "carries over", f"carries over: α = {alpha:.2f}, {pct}"
+        return "carries over", f"carries over: α = {alpha:.2f}, {pct}" + (
+            f" (the smallest α within the probes' noise of {lowered})" if lowered else "")
+    if lowered and alpha == 0:
+        return "does not carry over", (f"does not carry over: {lowered} is within the probes' noise of B's "
+                                       f"{name}; the output is B (α = 0)")
     return "does not carry over", (f"does not carry over: best α ≈ {alpha:.2f} ({pct}{null}); "
                                    "the output is B (α = 0)")
 
@@ -553,7 +654,7 @@ def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = No
     b = open_checkpoint(new_base)
     n = b.numel()
     dtype = forward_dtype(n)
-    count, length = probe_shape(n, probe_count, probe_length)
+    count, length = probe_shape(n, probe_count, probe_length, b.config)
     config = b.config.get("text_config") or b.config
     vocab = int(config.get("vocab_size") or 1024)
     chunk = chunk_size(count, length, vocab)
@@ -666,7 +767,8 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         alpha: "auto", "auto-layer", or a number (then D(0), D(α) and D(1) only).
         probe_data: the user's unlabeled inputs (see :mod:`rebasin.probes`), else synthetic probes.
         probe_count, probe_length: number and length of synthetic probe sequences (None:
-            :data:`PROBES_SMALL`, or :data:`PROBES_LARGE` from :data:`LARGE_PARAMS` parameters).
+            :data:`PROBES_SMALL`, or :data:`PROBES_LARGE` from :data:`LARGE_PARAMS` parameters;
+            :data:`CLASSIFIER_PROBES` images for image classifiers).
         dtype: the probe forwards' dtype; None: :func:`forward_dtype` of B's size.
         target: what the candidate imitates: "finetune" (A_ft's outputs) or "transferred" (B's
             outputs moved by A_ft's change over A; A is then run on the probes too).
@@ -682,7 +784,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     b_checkpoint = open_checkpoint(new_base)
     n_params = b_checkpoint.numel()
     dtype = dtype or forward_dtype(n_params)
-    probe_count, probe_length = probe_shape(n_params, probe_count, probe_length)
+    probe_count, probe_length = probe_shape(n_params, probe_count, probe_length, b_checkpoint.config)
     # one model at a time where possible: A_ft and τ, then the probes and A_ft's targets, then B
     ft = _load_finetune(Path(finetuned), Path(old_base), dtype)
     tau = task_vector(ft, Path(old_base), family, perms, store=dtype)  # float32 differences, stored in dtype
@@ -709,9 +811,11 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                            file=new_base)
     cand = Candidate(b, delta, dtype)
     curve: dict[float, float] = {}
+    sums: dict[float, torch.Tensor] = {}  # per-probe sums behind each curve point (see within_noise)
     if target == "transferred":
         cand.set(0.0)
-        curve[0.0] = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
+        sums[0.0], positions = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
+        curve[0.0] = max(float(sums[0.0].sum()) / max(positions, 1), 0.0)
     lap("base")
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
@@ -720,26 +824,33 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         a = a if exact else cand.representable(a)
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
-            curve[a] = _evaluate(cand, teacher, a)
+            sums[a], positions = _per_probe(cand, teacher, a)
+            curve[a] = max(float(sums[a].sum()) / max(positions, 1), 0.0)
             bar.update(1)
         return curve[a]
 
     requested = alpha if isinstance(alpha, str) else f"{alpha:g}"
     layer_fit = None
-    alphas = None
+    alphas = alpha_min = None
     if isinstance(alpha, str):
         _search(f, curve)
-        chosen = min(curve, key=curve.get)
-        kl_chosen = curve[chosen]
+        alpha_min = min(curve, key=curve.get)
+        chosen = cand.representable(within_noise(curve, sums))
+        kl_chosen = f(chosen)
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
             n = len(teacher.targets)
             fit, held = list(range(0, n, 2)), list(range(1, n, 2))
             layer_steps = layer_steps or LAYER_STEPS
             fitted = _fit_layers(cand, teacher, chosen, kl_chosen, fit, layer_steps, progress)
             per_block = dict(zip(cand.blocks, (cand.representable(float(x)) for x in fitted), strict=True))
-            held_global = _evaluate(cand, teacher, chosen, held)
-            held_layer = _evaluate(cand, teacher, per_block, held)
-            kept = held_layer < held_global
+            # the per-layer α's must beat the best global α on the held-out probes, by more than the
+            # paired standard error (as within_noise asks of any α further from B than another)
+            layer_sums, positions = _per_probe(cand, teacher, per_block, held)
+            rows = torch.cat([torch.arange(sl.start, sl.stop) for sl in (teacher.slices()[i] for i in held)])
+            global_sums = sums[alpha_min][rows]
+            gain = global_sums - layer_sums
+            held_global, held_layer = float(global_sums.sum()) / positions, float(layer_sums.sum()) / positions
+            kept = float(gain.sum()) > (math.sqrt(gain.numel()) * float(gain.std()) if gain.numel() > 1 else 0.0)
             layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
                          "kept": kept, "steps": layer_steps}
             if kept:
@@ -759,8 +870,12 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
         null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
     lap("null")
+    lowered = None
+    if alpha_min is not None and alphas is None and chosen < alpha_min:
+        lowered = (alpha_min, 1.0 - curve[alpha_min] / kl_base if kl_base > 0 else 0.0)
     verdict, line = _verdict(chosen, reduction, null_reduction, requested, teacher.kind.upper(),
-                             "the fine-tune" if target == "finetune" else "the fine-tune's change applied to B")
+                             "the fine-tune" if target == "finetune" else "the fine-tune's change applied to B",
+                             lowered)
     if verdict == "does not carry over" and isinstance(alpha, str):
         chosen, alphas, kl_chosen, reduction = 0.0, None, kl_base, 0.0  # never worse than B
         if target == "finetune":  # the quality studies' missed gains were of this kind
@@ -769,10 +884,12 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     if layer_fit is not None:
         line += (f"; per-layer α kept (held-out {teacher.kind.upper()} {layer_fit['heldout_layer']:.4g} < "
                  f"{layer_fit['heldout_global']:.4g})"
-                 if layer_fit["kept"] else "; per-layer α not kept (no held-out gain over the global α)")
+                 if layer_fit["kept"] else "; per-layer α not kept (no held-out gain over the best global α "
+                 "beyond the probes' noise)")
     return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,
                        kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
                        kl_null=kl_null, null_reduction=null_reduction,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
                        probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0,
-                       phases=phases, dtype=str(dtype).removeprefix("torch."), target=target)
+                       phases=phases, dtype=str(dtype).removeprefix("torch."), target=target,
+                       alpha_min=alpha_min)

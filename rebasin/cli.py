@@ -199,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "example a line) or a .safetensors of input tensors (default: sampled from the fine-tune for "
                    "causal LMs, synthetic otherwise)")
     p.add_argument("--probe-count", type=positive_int, metavar="N",
-                   help="probe examples (default 32)")
+                   help="probe examples (default 32; 64 for models of 100M parameters and more, 128 for image "
+                        "classifiers)")
     p.add_argument("--probe-length", type=positive_int, metavar="T",
-                   help="tokens per synthetic probe (default 128; 32 for models of 100M parameters and more)")
+                   help="tokens per synthetic probe (default 128; 16 for models of 100M parameters and more)")
     p.add_argument("--alpha-target", type=alpha_target, default="finetune", metavar="finetune|transferred",
                    help="what calibration makes the output imitate: finetune (default: A_ft itself) or "
                         "transferred (B's outputs moved by the fine-tune's change over A: keeps B where the "

@@ -94,22 +94,23 @@ class _InverseCdfSampler:
     token: ``torch.multinomial`` spends most of a small model's step drawing an exponential variate
     per vocabulary entry."""
 
-    def __init__(self, generator: torch.Generator, keep: list[torch.Tensor] | None = None,
-                 dtype: torch.dtype = torch.float32, never: list[int] | None = None) -> None:
+    def __init__(self, generator: torch.Generator, keep: torch.Tensor | None = None,
+                 never: list[int] | None = None) -> None:
         self.generator = generator
-        self.keep, self.dtype = keep, dtype  # each step's logits (batch, vocab) go to ``keep`` in ``dtype``
+        self.keep = keep  # (batch, steps, vocab): step t's logits go to keep[:, t] (as long as it has room)
+        self.step = 0
         self.never = never or []  # token ids never drawn (end of sequence: probes have a fixed length)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.keep is not None:
-            self.keep.append(scores.to(self.dtype, copy=True))
-        if self.never:
-            scores = scores.clone()
-            scores[:, self.never] = -math.inf
+        if self.keep is not None and self.step < self.keep.shape[1]:
+            self.keep[:, self.step].copy_(scores)
+        self.step += 1
+        if self.never:  # scores are generate's own float32 copy of the logits: changed in place (no
+            scores[:, self.never] = -math.inf  # fresh vocabulary-sized buffers, page-faulted every step)
         cdf = torch.softmax(scores.float(), dim=-1).cumsum_(-1)  # (batch, vocab)
         u = torch.rand((cdf.shape[0], 1), generator=self.generator).to(cdf.device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1)
-        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+        return scores.fill_(-math.inf).scatter_(-1, token, 0.0)
 
 
 def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -> Probes:
@@ -129,7 +130,8 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
         start = torch.randint(0, vocab, (count, 1), generator=gen)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    logits: list[torch.Tensor] = []
+    logits = torch.empty((count, length, vocab), dtype=dtype)  # step t computes position t's (see above)
+    sampler = _InverseCdfSampler(gen, logits, never=None)
     # the model's own generation defaults (repetition penalty, top-p, ...) would change the
     # distribution sampled from, and generate() merges them into any config passed to it
     # (end-of-sequence is never drawn, so every row runs to ``length``; the sampler masks it itself,
@@ -137,22 +139,20 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
     saved = model.generation_config
     eos = getattr(saved, "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else [int(e) for e in eos or []]
-    never = [e for e in eos if 0 <= e < vocab]
+    sampler.never = [e for e in eos if 0 <= e < vocab]
     model.generation_config = GenerationConfig(eos_token_id=eos or None)
     try:
         with torch.no_grad():
             ids = model.generate(input_ids=start.to(device), attention_mask=torch.ones_like(start, device=device),
                                  do_sample=False, max_new_tokens=length,
                                  pad_token_id=bos if isinstance(bos, int) else 0,
-                                 logits_processor=LogitsProcessorList([_InverseCdfSampler(gen, logits, dtype,
-                                                                                          never)]))
+                                 logits_processor=LogitsProcessorList([sampler]))
     finally:
         model.generation_config = saved
-    if len(logits) < length or ids.shape[1] < length:
-        raise RebasinError(f"sampling probes from the fine-tune stopped after {len(logits)} of {length} tokens")
+    if sampler.step < length or ids.shape[1] < length:
+        raise RebasinError(f"sampling probes from the fine-tune stopped after {sampler.step} of {length} tokens")
     return Probes({"input_ids": ids[:, :length].cpu()}, "sampled",
-                  meta={"length": length, "temperature": 1.0, "seed": seed},
-                  logits=torch.stack(logits[:length], dim=1).cpu())
+                  meta={"length": length, "temperature": 1.0, "seed": seed}, logits=logits)
 
 
 def _mask_token(model_dir: Path | None, config: Any) -> int | None:
