@@ -14,7 +14,7 @@ today's defaults (probe size by model size; bfloat16 forwards where this CPU's b
 fast). Each round pairs a match with a calibration back to back, so both see the same machine
 (run to run, this shared 2-core machine varied by ±20% and more, match and calibration alike):
 the record gives the medians of the seconds and of the per-round ratio, and every round's ratio.
-Then, once each, the previous default probe shape (16 × 64: the same tokens in twice the
+Then, once each, the previous default probe shape (32 × 32: the same tokens in twice the
 sampling steps) and the other target (``--alpha-target transferred``: A is run over the probes
 too); then the same rounds onto ``B'``. Each record also has the target, the α found,
 evaluations, the forward dtype, probes, the verdict, seconds per phase (first round), and the
@@ -130,7 +130,7 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
     print(records[-1], flush=True)
     cases = []
     if previous:
-        cases.append(("16 x 64 probes (the previous default shape)", {"probe_count": 16, "probe_length": 64}))
+        cases.append(("32 x 32 probes (the previous default shape)", {"probe_count": 32, "probe_length": 32}))
         cases.append(("--alpha-target transferred", {"target": "transferred"}))
     for label, options in cases:
         one = _calibrate(dirs, result.perms, family, **options)

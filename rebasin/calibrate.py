@@ -501,7 +501,8 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
     down from the minimum α*, α is lowered while the rise of D stays within one standard error
     (the one-standard-error rule of model selection, with B as the simplest model). Where the probes
     cannot tell α* from a smaller α, the smaller one is written: it stays nearer to B, whose own
-    task a larger task vector costs more. A minimum at 0 or at the top end is returned as it is.
+    task a larger task vector costs more. A minimum at 0 or at the top end is returned as it is, and
+    so is the minimum when the α found is less than :data:`REFINE_TOL` below it.
     """
     xs = sorted(curve)
     best = min(curve, key=curve.get)
@@ -513,6 +514,7 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
     if n < 2:
         return best  # no spread to measure
     lowest = best
+    found = best
     for j in range(i - 1, -1, -1):  # segment [xs[j], xs[j+1]], scanned downward
         x = xs[j:j + 3]
         y = torch.stack([sums[a] for a in x])  # (3, n)
@@ -523,9 +525,10 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
         within = rise.sum(1) <= math.sqrt(n) * rise.std(1)
         if not bool(within.all()):
             first_out = int((~within).nonzero()[0, 0])
-            return float(grid_a[first_out - 1]) if first_out > 0 else lowest
-        lowest = xs[j]
-    return lowest
+            found = float(grid_a[first_out - 1]) if first_out > 0 else lowest
+            break
+        lowest = found = xs[j]
+    return found if best - found >= REFINE_TOL else best  # a smaller move is below the search's resolution
 
 
 def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
@@ -610,13 +613,14 @@ def _verdict(alpha: float, reduction: float, null_reduction: float | None, reque
                     f"than B itself ({pct} vs B); try --alpha auto")
         verdict = "carries over" if ok else "does not carry over"
         return verdict, f"{verdict}: α = {alpha:g} (given), {pct} vs B{null if not ok else ''}"
-    lowered = f"the minimum at α = {minimum[0]:.2f} ({change(minimum[1])})" if minimum is not None else ""
     if ok:
         return "carries over", f"carries over: α = {alpha:.2f}, {pct}" + (
-            f" (the smallest α within the probes' noise of {lowered})" if lowered else "")
-    if lowered and alpha == 0:
-        return "does not carry over", (f"does not carry over: {lowered} is within the probes' noise of B's "
-                                       f"{name}; the output is B (α = 0)")
+            f" (lowered within the probes' noise from the minimum at α = {minimum[0]:.2f}, "
+            f"{change(minimum[1])})" if minimum is not None else "")
+    if minimum is not None and alpha == 0:
+        return "does not carry over", (f"does not carry over: the minimum at α = {minimum[0]:.2f} "
+                                       f"({change(minimum[1])}) is within the probes' noise of B's {name}; "
+                                       "the output is B (α = 0)")
     return "does not carry over", (f"does not carry over: best α ≈ {alpha:.2f} ({pct}{null}); "
                                    "the output is B (α = 0)")
 

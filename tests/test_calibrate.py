@@ -396,6 +396,8 @@ def test_within_noise_is_the_one_standard_error_rule(spread):
     curve = {a: float(s.sum()) / n for a, s in sums.items()}
     expected = max(0.0, 1.0 - 2 * spread / n ** 0.5)
     assert within_noise(curve, sums) == pytest.approx(expected, abs=0.5 / 63)
+    tiny = {a: (a - (1.0 + 0.02 * (m - 1.0))) ** 2 for a in points}  # moves α by less than REFINE_TOL: kept
+    assert within_noise({a: float(v.sum()) / n for a, v in tiny.items()}, tiny) == 1.0
     assert within_noise(curve, {}) == 1.0  # without per-probe sums: the minimum
 
 
@@ -404,8 +406,8 @@ def test_verdict_line_says_when_alpha_was_lowered_within_noise():
 
     verdict, line = _verdict(0.4, 0.3, 0.0, "auto", minimum=(0.8, 0.5))
     assert verdict == "carries over"
-    assert line == ("carries over: α = 0.40, KL −30% (the smallest α within the probes' noise of the minimum at "
-                    "α = 0.80 (KL −50%))")
+    assert line == ("carries over: α = 0.40, KL −30% (lowered within the probes' noise from the minimum at "
+                    "α = 0.80, KL −50%)")
     verdict, line = _verdict(0.0, 0.0, None, "auto", minimum=(0.3, 0.2))
     assert verdict == "does not carry over" and "the minimum at α = 0.30 (KL −20%) is within the probes' noise" in line
     assert _verdict(0.8, 0.5, 0.0, "auto")[1] == "carries over: α = 0.80, KL −50%"  # control: not lowered
