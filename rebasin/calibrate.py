@@ -164,6 +164,11 @@ class Calibration:
         target: "finetune" (D compares with A_ft) or "transferred" (with A_ft's change applied to B).
         alpha_min: where the search found D's minimum ("auto"); ``alpha`` is the smallest α whose D is
             within one standard error of it (:func:`within_noise`). None for a given α.
+        noise: ``[[α, SE], ...]`` for every point of ``curve``: the paired standard error (over the
+            probes) of ``D(α) − D(alpha_min)``, the margin :func:`within_noise` allows. None for a
+            given α.
+        lowered: the α written was lowered from ``alpha_min`` by :func:`within_noise` (the verdict may
+            still have set it to 0).
     """
 
     alpha: float
@@ -186,6 +191,8 @@ class Calibration:
     phases: dict[str, float] | None = None
     target: str = "finetune"
     alpha_min: float | None = None
+    noise: list[list[float]] | None = None
+    lowered: bool = False
 
     def alpha_of(self, tensor: str) -> float:
         """The α a checkpoint (or module) tensor receives."""
@@ -509,7 +516,7 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
     i = xs.index(best)
     if i == 0 or i == len(xs) - 1 or any(sums.get(x) is None for x in xs[:i + 2]):
         return best
-    ref = sums[best]
+    ref = sums[best].double()
     n = ref.numel()
     if n < 2:
         return best  # no spread to measure
@@ -517,7 +524,7 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
     found = best
     for j in range(i - 1, -1, -1):  # segment [xs[j], xs[j+1]], scanned downward
         x = xs[j:j + 3]
-        y = torch.stack([sums[a] for a in x])  # (3, n)
+        y = torch.stack([sums[a].double() for a in x])  # (3, n)
         grid_a = torch.linspace(xs[j + 1], xs[j], grid, dtype=torch.float64)
         basis = torch.stack([(grid_a - x[(k + 1) % 3]) * (grid_a - x[(k + 2) % 3])
                              / ((x[k] - x[(k + 1) % 3]) * (x[k] - x[(k + 2) % 3])) for k in range(3)], 1)
@@ -617,9 +624,10 @@ def _verdict(alpha: float, reduction: float, null_reduction: float | None, reque
         return "carries over", f"carries over: α = {alpha:.2f}, {pct}" + (
             f" (lowered within the probes' noise from the minimum at α = {minimum[0]:.2f}, "
             f"{change(minimum[1])})" if minimum is not None else "")
-    if minimum is not None and alpha == 0:
+    if minimum is not None:
+        near = f"B's {name}" if alpha == 0 else f"α = {alpha:.2f} ({pct}{null})"
         return "does not carry over", (f"does not carry over: the minimum at α = {minimum[0]:.2f} "
-                                       f"({change(minimum[1])}) is within the probes' noise of B's {name}; "
+                                       f"({change(minimum[1])}) is within the probes' noise of {near}; "
                                        "the output is B (α = 0)")
     return "does not carry over", (f"does not carry over: best α ≈ {alpha:.2f} ({pct}{null}); "
                                    "the output is B (α = 0)")
@@ -797,7 +805,8 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     probes = make_probes(ft, count=probe_count, length=probe_length, seed=seed, model_dir=Path(finetuned)
                          if (Path(finetuned) / "config.json").is_file() else Path(old_base), probe_data=probe_data)
     lap("probes")
-    per_seq = max(1, int(probes.inputs[next(iter(probes.inputs))][0].numel()))
+    ids = probes.inputs.get("input_ids")  # outputs per probe: one per token, or one per image
+    per_seq = max(1, int(ids[0].numel())) if ids is not None else 1
     chunk = chunk_size(len(probes), per_seq, getattr(ft.config, "vocab_size", None) or 1024)
     teacher = Teacher(ft, probes, chunk, vocab, seed, output_index(ft, family, perms))
     probes.logits = None
@@ -816,6 +825,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     cand = Candidate(b, delta, dtype)
     curve: dict[float, float] = {}
     sums: dict[float, torch.Tensor] = {}  # per-probe sums behind each curve point (see within_noise)
+    positions = 1  # output positions the divergence averages over (the same at every α)
     if target == "transferred":
         cand.set(0.0)
         sums[0.0], positions = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
@@ -825,6 +835,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
 
     def f(a: float, exact: bool = False) -> float:
+        nonlocal positions
         a = a if exact else cand.representable(a)
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
@@ -836,11 +847,15 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     requested = alpha if isinstance(alpha, str) else f"{alpha:g}"
     layer_fit = None
     alphas = alpha_min = None
+    per_probe = False
     if isinstance(alpha, str):
         _search(f, curve)
         alpha_min = min(curve, key=curve.get)
-        chosen = cand.representable(within_noise(curve, sums))
+        per_probe = all(v.numel() == len(probes) for v in sums.values())  # a leading probe axis in the output
+        chosen = cand.representable(within_noise(curve, sums if per_probe else {}))
         kl_chosen = f(chosen)
+        if kl_chosen <= curve[alpha_min]:  # the parabolas dipped below the points the search stopped at
+            alpha_min = chosen
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
             n = len(teacher.targets)
             fit, held = list(range(0, n, 2)), list(range(1, n, 2))
@@ -851,7 +866,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             # paired standard error (as within_noise asks of any α further from B than another)
             layer_sums, positions = _per_probe(cand, teacher, per_block, held)
             rows = torch.cat([torch.arange(sl.start, sl.stop) for sl in (teacher.slices()[i] for i in held)])
-            global_sums = sums[alpha_min][rows]
+            global_sums = sums[alpha_min][rows] if per_probe else _per_probe(cand, teacher, alpha_min, held)[0]
             gain = global_sums - layer_sums
             held_global, held_layer = float(global_sums.sum()) / positions, float(layer_sums.sum()) / positions
             kept = float(gain.sum()) > (math.sqrt(gain.numel()) * float(gain.std()) if gain.numel() > 1 else 0.0)
@@ -890,10 +905,14 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                  f"{layer_fit['heldout_global']:.4g})"
                  if layer_fit["kept"] else "; per-layer α not kept (no held-out gain over the best global α "
                  "beyond the probes' noise)")
+    noise = None
+    if alpha_min is not None and per_probe and sums[alpha_min].numel() > 1:
+        root_n = math.sqrt(sums[alpha_min].numel())
+        noise = [[a, root_n * float((sums[a] - sums[alpha_min]).std()) / max(positions, 1)] for a in sorted(curve)]
     return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,
                        kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
                        kl_null=kl_null, null_reduction=null_reduction,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
                        probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0,
                        phases=phases, dtype=str(dtype).removeprefix("torch."), target=target,
-                       alpha_min=alpha_min)
+                       alpha_min=alpha_min, noise=noise, lowered=lowered is not None)

@@ -31,6 +31,7 @@ from rebasin.errors import InputFileError, RebasinError
 MASK_FRACTION = 0.15
 GIBBS_SWEEPS = 8  # masked-LM probes: resampling sweeps from the model before the final masking
 INVERT_STEPS = 40  # image classifiers: input-optimisation steps toward a confident class
+INVERT_CHUNK = 32  # ... for this many images at a time
 INVERT_LR = 0.1
 INVERT_TV = 0.5
 INVERT_L2 = 0.05
@@ -94,15 +95,18 @@ class _InverseCdfSampler:
     token: ``torch.multinomial`` spends most of a small model's step drawing an exponential variate
     per vocabulary entry."""
 
-    def __init__(self, generator: torch.Generator, keep: torch.Tensor | None = None,
+    def __init__(self, generator: torch.Generator, keep_steps: int = 0, dtype: torch.dtype = torch.float32,
                  never: list[int] | None = None) -> None:
         self.generator = generator
-        self.keep = keep  # (batch, steps, vocab): step t's logits go to keep[:, t] (as long as it has room)
+        self.keep_steps, self.dtype = keep_steps, dtype  # the first keep_steps steps' logits go to ``keep``
+        self.keep: torch.Tensor | None = None  # (batch, keep_steps, logits' width) in ``dtype``: step t at [:, t]
         self.step = 0
         self.never = never or []  # token ids never drawn (end of sequence: probes have a fixed length)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.keep is not None and self.step < self.keep.shape[1]:
+        if self.step < self.keep_steps:
+            if self.keep is None:  # one buffer for every step (a fresh tensor per step page-faulted)
+                self.keep = torch.empty((scores.shape[0], self.keep_steps, scores.shape[-1]), dtype=self.dtype)
             self.keep[:, self.step].copy_(scores)
         self.step += 1
         if self.never:  # scores are generate's own float32 copy of the logits: changed in place (no
@@ -130,8 +134,7 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
         start = torch.randint(0, vocab, (count, 1), generator=gen)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    logits = torch.empty((count, length, vocab), dtype=dtype)  # step t computes position t's (see above)
-    sampler = _InverseCdfSampler(gen, logits, never=None)
+    sampler = _InverseCdfSampler(gen, keep_steps=length, dtype=dtype)  # step t computes position t's logits
     # the model's own generation defaults (repetition penalty, top-p, ...) would change the
     # distribution sampled from, and generate() merges them into any config passed to it
     # (end-of-sequence is never drawn, so every row runs to ``length``; the sampler masks it itself,
@@ -152,7 +155,7 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
     if sampler.step < length or ids.shape[1] < length:
         raise RebasinError(f"sampling probes from the fine-tune stopped after {sampler.step} of {length} tokens")
     return Probes({"input_ids": ids[:, :length].cpu()}, "sampled",
-                  meta={"length": length, "temperature": 1.0, "seed": seed}, logits=logits)
+                  meta={"length": length, "temperature": 1.0, "seed": seed}, logits=sampler.keep)
 
 
 def _mask_token(model_dir: Path | None, config: Any) -> int | None:
@@ -220,23 +223,28 @@ def noise_images(count: int, channels: int, size: int, gen: torch.Generator) -> 
 def invert_images(model: torch.nn.Module, pixels: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
     """Images the classifier is confident about, one target class each (cycling over the classes):
     ``steps`` Adam steps on ``pixels`` ``(n, c, h, w)`` minimising cross-entropy to the target plus a
-    total-variation and an L2 prior (data-free model inversion). The weights are not touched."""
-    x = pixels.clone().requires_grad_(True)
+    total-variation and an L2 prior (data-free model inversion), :data:`INVERT_CHUNK` images at a time
+    (a backward holds every activation of its batch). The weights are not touched."""
     dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        n_classes = int(model(pixel_values=x[:1].to(dtype)).logits.shape[-1])
-    target = (torch.arange(len(x)) + int(torch.randint(0, n_classes, (1,), generator=gen))) % n_classes
-    opt = torch.optim.Adam([x], lr=INVERT_LR)
+        n_classes = int(model(pixel_values=pixels[:1].to(dtype)).logits.shape[-1])
+    target = (torch.arange(len(pixels)) + int(torch.randint(0, n_classes, (1,), generator=gen))) % n_classes
     for p in model.parameters():
         p.requires_grad_(False)
-    for _ in range(steps):
-        logits = model(pixel_values=x.to(dtype)).logits.float()
-        tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
-        loss = torch.nn.functional.cross_entropy(logits, target) + INVERT_TV * tv + INVERT_L2 * x.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return x.detach()
+    out = []
+    for a in range(0, len(pixels), INVERT_CHUNK):
+        x = pixels[a:a + INVERT_CHUNK].clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=INVERT_LR)
+        for _ in range(steps):
+            logits = model(pixel_values=x.to(dtype)).logits.float()
+            tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
+            loss = (torch.nn.functional.cross_entropy(logits, target[a:a + INVERT_CHUNK])
+                    + INVERT_TV * tv + INVERT_L2 * x.pow(2).mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append(x.detach())
+    return torch.cat(out)
 
 
 def image_probes(model: torch.nn.Module, count: int, seed: int, length: int) -> Probes:

@@ -51,6 +51,9 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
                   f"(relative reduction {c['reduction']:.1%})" + (f"; at α = 1: {c['kl_at_one']:.4g}"
                                                                     if c.get("kl_at_one") is not None else ""),
                   f"- probes: {c['probes']['count']} × {c['probes']['kind']}; {c['seconds']:.1f} s"]
+        if c.get("lowered"):
+            lines.append(f"- the minimum, at α = {c['alpha_min']:.2f}, is within one standard error (paired over "
+                         f"the probes) of {name} at α = {c['alpha']:.2f}, nearer to B: that α is written")
         if c.get("target") == "transferred":
             lines.append("- target A_ft→B: B's outputs moved by the fine-tune's change over A "
                          "(log p = log p_B + log p_A_ft − log p_A, renormalised)")
@@ -200,6 +203,13 @@ def plot_alpha(path: Path, calibration: dict[str, Any]) -> bool:
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot(xs, ys, "o-", color="#1f77b4", label=name)
     ax.axhline(calibration["kl_base"], color="#999999", ls="--", label="the new base B (α = 0)")
+    noise, lowest = calibration.get("noise"), calibration.get("alpha_min")
+    if noise and lowest is not None:  # what within_noise allows: the minimum plus one paired standard error
+        floor = dict(map(tuple, calibration["curve"]))[lowest]
+        ax.plot([a for a, _ in noise], [floor + se for _, se in noise], "--", color="#ff7f0e", lw=1,
+                label="minimum + 1 standard error")
+        if lowest != calibration["alpha"]:
+            ax.axvline(lowest, color="#ff7f0e", ls=":", label=f"minimum at α = {lowest:.2f}")
     ax.axvline(calibration["alpha"], color="#d62728", ls=":", label=f"chosen α = {calibration['alpha']:.2f}")
     ax.set_xlabel("α")
     ax.set_ylabel(name)

@@ -401,6 +401,51 @@ def test_within_noise_is_the_one_standard_error_rule(spread):
     assert within_noise(curve, {}) == 1.0  # without per-probe sums: the minimum
 
 
+def test_within_noise_between_evaluated_points_matches_a_dense_scan():
+    """Per-probe curves that are not parabolas, on an uneven grid: the interpolated rule lands where a
+    dense evaluation of the same curves puts the one-standard-error point (to the interpolation's
+    error); a minimum at either end is returned as it is; float32 sums work too."""
+    from rebasin.calibrate import within_noise
+
+    n = 24
+    gen = torch.Generator().manual_seed(1)
+    m = 0.9 + 0.6 * torch.randn(n, generator=gen, dtype=torch.float64)
+    w = 1.0 + 0.3 * torch.rand(n, generator=gen, dtype=torch.float64)
+
+    def s(a: float) -> torch.Tensor:
+        return w * (a - m) ** 2 * (1 + 0.3 * a)
+
+    points = (0.0, 0.25, 0.5, 0.8, 0.95, 1.1, 2.0)
+    sums = {a: s(a) for a in points}
+    curve = {a: float(v.sum()) / n for a, v in sums.items()}
+    best = min(curve, key=curve.get)
+    dense = torch.linspace(best, 0.0, 2001, dtype=torch.float64)
+    rise = torch.stack([s(float(a)) - sums[best] for a in dense])
+    within = rise.sum(1) <= n ** 0.5 * rise.std(1)
+    expected = float(dense[int((~within).nonzero()[0, 0]) - 1])
+    found = within_noise(curve, sums)
+    assert found < best - 0.05 and found == pytest.approx(expected, abs=0.03), (found, expected, best)
+    assert within_noise(curve, {a: v.float() for a, v in sums.items()}) == pytest.approx(found, abs=1e-3)
+    rising = {a: (a + 0.1 * m) ** 2 for a in points}  # minimum at α = 0
+    assert within_noise({a: float(v.sum()) for a, v in rising.items()}, rising) == 0.0
+    falling = {a: (3.0 - a + 0.1 * m) ** 2 for a in points}  # minimum at the top end
+    assert within_noise({a: float(v.sum()) for a, v in falling.items()}, falling) == 2.0
+
+
+def test_sampler_keeps_each_steps_raw_logits_in_one_buffer():
+    """Step t's logits land in keep[:, t] before end-of-sequence is masked; steps past keep_steps are
+    drawn but not kept."""
+    from rebasin.probes import _InverseCdfSampler
+
+    sampler = _InverseCdfSampler(torch.Generator().manual_seed(0), keep_steps=2, never=[3])
+    steps = [torch.randn(4, 5, generator=torch.Generator().manual_seed(t)) for t in range(3)]
+    for scores in steps:
+        out = sampler(None, scores.clone())
+        assert out.argmax(-1).ne(3).all()
+    assert sampler.step == 3 and sampler.keep.shape == (4, 2, 5)
+    assert torch.equal(sampler.keep[:, 0], steps[0]) and torch.equal(sampler.keep[:, 1], steps[1])
+
+
 def test_verdict_line_says_when_alpha_was_lowered_within_noise():
     from rebasin.calibrate import _verdict
 
@@ -410,6 +455,9 @@ def test_verdict_line_says_when_alpha_was_lowered_within_noise():
                     "α = 0.80, KL −50%)")
     verdict, line = _verdict(0.0, 0.0, None, "auto", minimum=(0.3, 0.2))
     assert verdict == "does not carry over" and "the minimum at α = 0.30 (KL −20%) is within the probes' noise" in line
+    verdict, line = _verdict(0.5, 0.07, None, "auto", minimum=(0.8, 0.12))  # lowered below the 10% threshold
+    assert verdict == "does not carry over"
+    assert "the minimum at α = 0.80 (KL −12%) is within the probes' noise of α = 0.50 (KL −7%)" in line
     assert _verdict(0.8, 0.5, 0.0, "auto")[1] == "carries over: α = 0.80, KL −50%"  # control: not lowered
 
 
