@@ -415,6 +415,11 @@ class Teacher:
             sums[i], count = s.double(), count + n
         return torch.cat([sums[i] for i in sorted(sums)]), count
 
+    def rows(self, chunks: list[int]) -> torch.Tensor:
+        """The probe indices of ``chunks``, in the order :func:`_per_probe` concatenates their sums."""
+        slices = self.slices()
+        return torch.cat([torch.arange(slices[i].start, slices[i].stop) for i in chunks])
+
     def slices(self) -> list[slice]:
         n = len(self.probes)
         return [slice(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
@@ -536,6 +541,14 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
             break
         lowest = found = xs[j]
     return found if best - found >= REFINE_TOL else best  # a smaller move is below the search's resolution
+
+
+def lower_beyond_noise(sums: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether per-probe sums ``sums`` ``(n,)`` total lower than ``reference``'s (the same probes) by more
+    than one paired standard error, ``√n·std_i(reference_i − sums_i)``: the margin :func:`within_noise`
+    asks of any α further from B, asked of per-layer α's over the global one."""
+    gain = (reference - sums).double()
+    return float(gain.sum()) > (math.sqrt(gain.numel()) * float(gain.std()) if gain.numel() > 1 else 0.0)
 
 
 def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
@@ -865,11 +878,10 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             # the per-layer α's must beat the best global α on the held-out probes, by more than the
             # paired standard error (as within_noise asks of any α further from B than another)
             layer_sums, positions = _per_probe(cand, teacher, per_block, held)
-            rows = torch.cat([torch.arange(sl.start, sl.stop) for sl in (teacher.slices()[i] for i in held)])
-            global_sums = sums[alpha_min][rows] if per_probe else _per_probe(cand, teacher, alpha_min, held)[0]
-            gain = global_sums - layer_sums
+            global_sums = sums[alpha_min][teacher.rows(held)] if per_probe \
+                else _per_probe(cand, teacher, alpha_min, held)[0]
             held_global, held_layer = float(global_sums.sum()) / positions, float(layer_sums.sum()) / positions
-            kept = float(gain.sum()) > (math.sqrt(gain.numel()) * float(gain.std()) if gain.numel() > 1 else 0.0)
+            kept = lower_beyond_noise(layer_sums, global_sums)
             layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
                          "kept": kept, "steps": layer_steps}
             if kept:

@@ -12,7 +12,7 @@ from rebasin.calibrate import Candidate, block_of, calibrate, representable, tas
 from rebasin.cli import main
 from rebasin.model import open_model
 from rebasin.permutation import apply_to_state, random_perms
-from rebasin.probes import make_probes
+from rebasin.probes import Probes, make_probes
 from rebasin.transfer import transfer
 
 
@@ -145,7 +145,6 @@ def test_kl_from_stored_probabilities_equals_the_direct_kl():
     """Teacher keeps p and Σ p·log p; the divergence of a candidate must equal KL(p ‖ q) computed directly,
     in float32 and when p is stored in bfloat16 (then against the rounded p)."""
     from rebasin.calibrate import Teacher
-    from rebasin.probes import Probes
 
     g = torch.Generator().manual_seed(0)
     teacher_logits = torch.randn(4, 6, 50, generator=g) * 3
@@ -444,6 +443,27 @@ def test_sampler_keeps_each_steps_raw_logits_in_one_buffer():
         assert out.argmax(-1).ne(3).all()
     assert sampler.step == 3 and sampler.keep.shape == (4, 2, 5)
     assert torch.equal(sampler.keep[:, 0], steps[0]) and torch.equal(sampler.keep[:, 1], steps[1])
+
+
+def test_per_layer_alphas_must_win_beyond_noise():
+    """The auto-layer rule: a gain on every probe is kept; the same total gain carried by one probe
+    among noise is not (control: both have the same mean)."""
+    from rebasin.calibrate import lower_beyond_noise
+
+    reference = torch.full((16,), 2.0, dtype=torch.float64)
+    assert lower_beyond_noise(reference - 0.1, reference)
+    one = reference + 0.01
+    one[3] -= 1.6 + 0.16  # about the same total gain, all on one probe, the others a hair worse
+    assert not lower_beyond_noise(one, reference)
+    assert not lower_beyond_noise(reference + 0.1, reference)
+
+
+def test_held_out_rows_follow_the_chunks():
+    from rebasin.calibrate import Teacher
+
+    t = Teacher.__new__(Teacher)
+    t.probes, t.chunk = Probes({"input_ids": torch.zeros(10, 2, dtype=torch.long)}, "test"), 3
+    assert t.rows([1, 3]).tolist() == [3, 4, 5, 9]
 
 
 def test_verdict_line_says_when_alpha_was_lowered_within_noise():
