@@ -286,6 +286,11 @@ def bridge_vocab(probes: Probes, vocab: VocabMap, seed: int) -> tuple[Probes, Pr
     return teacher, student
 
 
+def storage_dtype(numel: int) -> torch.dtype:
+    """The teacher targets' storage dtype for ``numel`` values: float32 within :data:`LOGIT_BUDGET`, else bfloat16."""
+    return torch.bfloat16 if numel * 4 > LOGIT_BUDGET else torch.float32
+
+
 def distribution(logits: torch.Tensor, store: torch.dtype, shift: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p = softmax(x) stored in ``store``, Σ p·log p in float32, Σ p as stored) per position of
@@ -330,8 +335,8 @@ class Teacher:
         self.mass: list[torch.Tensor] = []  # KL: Σ p per position as stored
         self.kind = "kl"
         known = probes.logits if vocab is None else None  # the sampler's logits: A_ft's outputs already
-        if known is not None:  # every target's size is known: stored at once in _store's dtype
-            store = torch.bfloat16 if known.numel() * 4 > LOGIT_BUDGET else torch.float32
+        if known is not None:  # every target's size is known: stored at once in their storage dtype
+            store = storage_dtype(known.numel())
             for sl in self.slices():
                 self._append(*distribution(known[sl], store))
             return
@@ -349,8 +354,7 @@ class Teacher:
         self.mass.append(mass)
 
     def _store(self) -> torch.dtype:
-        """The targets' storage dtype: float32 within :data:`LOGIT_BUDGET`, else bfloat16."""
-        return torch.bfloat16 if sum(t.numel() for t in self.targets) * 4 > LOGIT_BUDGET else torch.float32
+        return storage_dtype(sum(t.numel() for t in self.targets))
 
     def _settle(self) -> None:
         """Store the targets in :meth:`_store`'s dtype, then Σ p per position as stored (1 up to that
@@ -396,7 +400,7 @@ class Teacher:
         ``model`` is the candidate at α = 0: returns D(0) as :func:`_per_probe` gives it (per-probe
         sums ``(probes,)`` float64, positions), measured on these same forwards."""
         store, slices = self._store(), self.slices()
-        sums: dict[int, torch.Tensor] = {}
+        sums: list[torch.Tensor] = []  # in chunk order: every chunk is KL, or every chunk is features
         count = 0
         features: dict[int, torch.Tensor] = {}
         for i, y, _ in self._outputs(model, "b"):
@@ -404,7 +408,8 @@ class Teacher:
             if self.kind == "kl":
                 self.targets[i], self.neg_entropy[i], self.mass[i] = distribution(y, store, shift=r)
                 s, n = self._divergence(i, y, slices[i])
-                sums[i], count = s.double(), count + n
+                sums.append(s.double())
+                count += n
             else:
                 self.targets[i] = y + r
                 features[i] = y  # measured below: the features' scale needs every target first
@@ -412,8 +417,9 @@ class Teacher:
             self._settle()
         for i, y in features.items():
             s, n = self._divergence(i, y, slices[i])
-            sums[i], count = s.double(), count + n
-        return torch.cat([sums[i] for i in sorted(sums)]), count
+            sums.append(s.double())
+            count += n
+        return torch.cat(sums), count
 
     def rows(self, chunks: list[int]) -> torch.Tensor:
         """The probe indices of ``chunks``, in the order :func:`_per_probe` concatenates their sums."""
@@ -467,8 +473,12 @@ def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, flo
               slices: list[int] | None = None,
               transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> float:
     """D at ``alpha`` over the chunks ``slices`` (all by default)."""
-    sums, count = _per_probe(cand, teacher, alpha, slices, transform)
-    return max(float(sums.sum()) / max(count, 1), 0.0)  # a KL estimate can round a hair below 0
+    return mean_divergence(*_per_probe(cand, teacher, alpha, slices, transform))
+
+
+def mean_divergence(sums: torch.Tensor, positions: int) -> float:
+    """D from per-probe sums ``(probes,)`` over ``positions`` output positions."""
+    return max(float(sums.sum()) / max(positions, 1), 0.0)  # a KL estimate can round a hair below 0
 
 
 def _per_probe(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
@@ -534,7 +544,7 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
         basis = torch.stack([(grid_a - x[(k + 1) % 3]) * (grid_a - x[(k + 2) % 3])
                              / ((x[k] - x[(k + 1) % 3]) * (x[k] - x[(k + 2) % 3])) for k in range(3)], 1)
         rise = basis @ y - ref  # (grid, n)
-        within = rise.sum(1) <= math.sqrt(n) * rise.std(1)
+        within = rise.sum(1) <= paired_spread(rise)
         if not bool(within.all()):
             first_out = int((~within).nonzero()[0, 0])
             found = float(grid_a[first_out - 1]) if first_out > 0 else lowest
@@ -543,12 +553,18 @@ def within_noise(curve: Mapping[float, float], sums: Mapping[float, torch.Tensor
     return found if best - found >= REFINE_TOL else best  # a smaller move is below the search's resolution
 
 
+def paired_spread(diff: torch.Tensor) -> torch.Tensor:
+    """``√n·std`` over the last axis of per-probe differences ``(..., n)``: the standard error of their
+    sum (divided by the positions, of a difference of two D's)."""
+    return math.sqrt(diff.shape[-1]) * diff.std(-1)
+
+
 def lower_beyond_noise(sums: torch.Tensor, reference: torch.Tensor) -> bool:
     """Whether per-probe sums ``sums`` ``(n,)`` total lower than ``reference``'s (the same probes) by more
     than one paired standard error, ``√n·std_i(reference_i − sums_i)``: the margin :func:`within_noise`
     asks of any α further from B, asked of per-layer α's over the global one."""
     gain = (reference - sums).double()
-    return float(gain.sum()) > (math.sqrt(gain.numel()) * float(gain.std()) if gain.numel() > 1 else 0.0)
+    return float(gain.sum()) > (float(paired_spread(gain)) if gain.numel() > 1 else 0.0)
 
 
 def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
@@ -842,7 +858,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     if target == "transferred":
         cand.set(0.0)
         sums[0.0], positions = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
-        curve[0.0] = max(float(sums[0.0].sum()) / max(positions, 1), 0.0)
+        curve[0.0] = mean_divergence(sums[0.0], positions)
     lap("base")
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
@@ -853,7 +869,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
             sums[a], positions = _per_probe(cand, teacher, a)
-            curve[a] = max(float(sums[a].sum()) / max(positions, 1), 0.0)
+            curve[a] = mean_divergence(sums[a], positions)
             bar.update(1)
         return curve[a]
 
@@ -880,7 +896,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             layer_sums, positions = _per_probe(cand, teacher, per_block, held)
             global_sums = sums[alpha_min][teacher.rows(held)] if per_probe \
                 else _per_probe(cand, teacher, alpha_min, held)[0]
-            held_global, held_layer = float(global_sums.sum()) / positions, float(layer_sums.sum()) / positions
+            held_global, held_layer = mean_divergence(global_sums, positions), mean_divergence(layer_sums, positions)
             kept = lower_beyond_noise(layer_sums, global_sums)
             layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
                          "kept": kept, "steps": layer_steps}
@@ -919,8 +935,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
                  "beyond the probes' noise)")
     noise = None
     if alpha_min is not None and per_probe and sums[alpha_min].numel() > 1:
-        root_n = math.sqrt(sums[alpha_min].numel())
-        noise = [[a, root_n * float((sums[a] - sums[alpha_min]).std()) / max(positions, 1)] for a in sorted(curve)]
+        noise = [[a, float(paired_spread(sums[a] - sums[alpha_min])) / max(positions, 1)] for a in sorted(curve)]
     return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,
                        kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
                        kl_null=kl_null, null_reduction=null_reduction,

@@ -134,7 +134,6 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
         start = torch.randint(0, vocab, (count, 1), generator=gen)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    sampler = _InverseCdfSampler(gen, keep_steps=length, dtype=dtype)  # step t computes position t's logits
     # the model's own generation defaults (repetition penalty, top-p, ...) would change the
     # distribution sampled from, and generate() merges them into any config passed to it
     # (end-of-sequence is never drawn, so every row runs to ``length``; the sampler masks it itself,
@@ -142,7 +141,8 @@ def sampled_probes(model: torch.nn.Module, count: int, length: int, seed: int) -
     saved = model.generation_config
     eos = getattr(saved, "eos_token_id", None)
     eos = [eos] if isinstance(eos, int) else [int(e) for e in eos or []]
-    sampler.never = [e for e in eos if 0 <= e < vocab]
+    # step t computes position t's logits
+    sampler = _InverseCdfSampler(gen, keep_steps=length, dtype=dtype, never=[e for e in eos if 0 <= e < vocab])
     model.generation_config = GenerationConfig(eos_token_id=eos or None)
     try:
         with torch.no_grad():
