@@ -93,7 +93,9 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
                         rec.update(_values(row["metrics"], res.base), recovered=row["recovered"], alpha=row["alpha"],
                                    alphas=row.get("alphas"), verdict=cal.get("verdict"),
                                    verdict_right=check.get("right"), kl_reduction=cal.get("reduction"),
-                                   calib_s=cal.get("seconds"), transfer_s=row["seconds"])
+                                   calib_s=cal.get("seconds"), transfer_s=row["seconds"],
+                                   evaluations=len(cal["curve"]) if cal.get("curve") else None,
+                                   measured=cal.get("measured"), null_probes=cal.get("null_probes"))
                         if row.get("match"):
                             rec.update(match_objective=row["match"]["objective"],
                                        match_objective_identity=row["match"]["objective_identity"],
@@ -131,7 +133,8 @@ def aggregate(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         agg: dict[str, Any] = {"family": family, "kind": kind, "method": method, "metric": recs[0].get("metric"),
                                "seeds": len(recs)}
         for field in ("sub", "recovered", "general", "cost", "alpha", "kl_reduction", "calib_s", "transfer_s",
-                      "match_objective", "match_objective_identity", "match_cos"):
+                      "evaluations", "measured", "null_probes", "match_objective", "match_objective_identity",
+                      "match_cos"):
             vals = [r[field] for r in recs if r.get(field) is not None]
             if vals:
                 agg[field] = statistics.fmean(vals)

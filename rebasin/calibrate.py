@@ -28,7 +28,12 @@ T gives D(0) too).
   The α written is the smallest whose D is within one standard error of the minimum's, paired
   over the probes (:func:`within_noise`; no extra forward to find it, one to measure it): where
   the probes cannot tell them apart, the α nearer to B, which costs B's own task less; when even
-  α = 0 is within that noise, the verdict is "does not carry over".
+  α = 0 is within that noise, the verdict is "does not carry over". The search runs on half the
+  probes first; the other half is measured at the same α's only when the first half leaves the
+  answer open (:func:`settled`): when it lowered α, or the verdict's threshold is within the
+  noise (the search resumes when every probe puts the minimum at another point). A smaller
+  standard error could not lower α where a larger one did not, so a clear curve costs half its
+  forwards.
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
   layers), fitted by Adam on the same D, regularised toward the global α; kept only if on
   held-out probes it lowers D below the best global α's by more than the paired standard
@@ -39,7 +44,8 @@ so tensors are matched to blocks by :func:`block_of`, which reads the same block
 
 Cost: the probe forwards dominate (sampling the probes, which gives the fine-tune's targets on
 sampled probes; other probes take one more forward for them; one forward of the candidate per α
-evaluated, 4–8, one more when the α written is not one of them, and the null model's). Models of
+evaluated, 4–8, on half the probes when that settles it, one more when the α written is not one of
+them, and the null model's, which stops after a chunk of probes once its answer is clear). Models of
 :data:`BF16_MIN_PARAMS` parameters and more run those forwards in bfloat16 where this machine's
 bfloat16 GEMMs are at least :data:`BF16_SPEEDUP` times its float32 ones (CPUs with AMX or
 AVX512-BF16); B's values are kept exactly as loaded, δ in the forward dtype, and every sum
@@ -55,7 +61,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +91,7 @@ REFINE_STEPS = 5
 REFINE_TOL = 0.05  # α resolution of the refinement: D is flat to a fraction of a percent within it
 CARRY_THRESHOLD = 0.10  # relative divergence reduction above which the fine-tune "carries over"
 NULL_SHARE = 0.5  # ... of which at least this share must vanish under a random symmetry
+CLEAR_Z = 3.0  # a measurement over the probes stops once its answer is this many paired standard errors clear
 LAYER_STEPS = 150
 LAYER_LR = 0.03
 LAYER_REG = 0.1  # weight of Σ_b (α_b − α)² relative to D(α)
@@ -155,6 +162,9 @@ class Calibration:
             symmetry σ (``B + α·σ(π(τ))``): what the task vector's invariant parts and its size alone
             buy. A transfer "carries over" only when most of the gain is lost under σ. None when
             the verdict is "does not carry over" without it (the null is then not evaluated).
+            Measured on the first ``null_probes`` probes, against D(0) on the same probes (the
+            measurement stops once the verdict is clear, see :func:`_null_model`); ``kl_null`` is
+            ``kl_base · (1 − null_reduction)``.
         curve: ``[[α, D(α)], ...]`` sorted by α.
         verdict: "carries over" or "does not carry over".
         line: the one-line verdict the CLI prints.
@@ -162,6 +172,8 @@ class Calibration:
         phases: seconds per phase: load (the fine-tune and the task vector), probes, teacher (the
             fine-tune's targets), base (B), search (the α evaluations, and the per-layer fit), null.
         target: "finetune" (D compares with A_ft) or "transferred" (with A_ft's change applied to B).
+        measured: the probes the curve was measured on (half of them when that settled "auto", see
+            :func:`settled`); ``probes`` describes all that were made.
         alpha_min: where the search found D's minimum ("auto"); ``alpha`` is the smallest α whose D is
             within one standard error of it (:func:`within_noise`). None for a given α.
         noise: ``[[α, SE], ...]`` for every point of ``curve``: the paired standard error (over the
@@ -193,6 +205,8 @@ class Calibration:
     alpha_min: float | None = None
     noise: list[list[float]] | None = None
     lowered: bool = False
+    null_probes: int | None = None
+    measured: int | None = None
 
     def alpha_of(self, tensor: str) -> float:
         """The α a checkpoint (or module) tensor receives."""
@@ -394,22 +408,20 @@ class Teacher:
                 r = t.float() - y
             self.targets[i] = r  # float32: a log-ratio up to ~140 in bfloat16 would be off by up to 0.5
 
-    def onto(self, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    def onto(self, model: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
         """Targets ← ``model``'s (B's) outputs moved by the stored change (:meth:`subtract`): the fine-tune
         carried over in output space, ``log p_T = log p_B + r`` renormalised (logits) or ``f_B + r``.
-        ``model`` is the candidate at α = 0: returns D(0) as :func:`_per_probe` gives it (per-probe
-        sums ``(probes,)`` float64, positions), measured on these same forwards."""
+        ``model`` is the candidate at α = 0: returns D(0) per chunk, in chunk order, as
+        :func:`_chunk_sums` gives it (per-probe sums float64, positions), measured on these same forwards."""
         store, slices = self._store(), self.slices()
-        sums: list[torch.Tensor] = []  # in chunk order: every chunk is KL, or every chunk is features
-        count = 0
+        parts: list[tuple[torch.Tensor, int]] = []  # every chunk is KL, or every chunk is features
         features: dict[int, torch.Tensor] = {}
         for i, y, _ in self._outputs(model, "b"):
             r = self.targets[i].float()
             if self.kind == "kl":
                 self.targets[i], self.neg_entropy[i], self.mass[i] = distribution(y, store, shift=r)
                 s, n = self._divergence(i, y, slices[i])
-                sums.append(s.double())
-                count += n
+                parts.append((s.double(), n))
             else:
                 self.targets[i] = y + r
                 features[i] = y  # measured below: the features' scale needs every target first
@@ -417,9 +429,8 @@ class Teacher:
             self._settle()
         for i, y in features.items():
             s, n = self._divergence(i, y, slices[i])
-            sums.append(s.double())
-            count += n
-        return torch.cat(sums), count
+            parts.append((s.double(), n))
+        return parts
 
     def rows(self, chunks: list[int]) -> torch.Tensor:
         """The probe indices of ``chunks``, in the order :func:`_per_probe` concatenates their sums."""
@@ -469,13 +480,6 @@ class Teacher:
         return per.reshape(per.shape[0], -1).sum(1), per.numel()
 
 
-def _evaluate(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
-              slices: list[int] | None = None,
-              transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> float:
-    """D at ``alpha`` over the chunks ``slices`` (all by default)."""
-    return mean_divergence(*_per_probe(cand, teacher, alpha, slices, transform))
-
-
 def mean_divergence(sums: torch.Tensor, positions: int) -> float:
     """D from per-probe sums ``(probes,)`` over ``positions`` output positions."""
     return max(float(sums.sum()) / max(positions, 1), 0.0)  # a KL estimate can round a hair below 0
@@ -488,15 +492,21 @@ def _per_probe(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, fl
     the chunks ``slices`` (all by default): D = sums.sum() / positions."""
     cand.set(alpha, transform)
     sums, count = [], 0
-    chosen = slices if slices is not None else range(len(teacher.targets))
+    for s, n in _chunk_sums(cand, teacher, slices if slices is not None else range(len(teacher.targets))):
+        sums.append(s)
+        count += n
+    return torch.cat(sums), count
+
+
+def _chunk_sums(cand: Candidate, teacher: Teacher, chunks: Iterable[int]) -> Iterator[tuple[torch.Tensor, int]]:
+    """Per chunk of ``chunks``, in order: (per-probe sums ``(probes in the chunk,)`` float64, positions) of
+    the candidate as it is set."""
     all_slices = teacher.slices()
     with torch.no_grad():
-        for i in chosen:
+        for i in chunks:
             sl = all_slices[i]
             s, n = teacher.divergence(i, cand.module(**teacher.inputs(sl)), sl)
-            sums.append(s.double())
-            count += n
-    return torch.cat(sums), count
+            yield s.double(), n
 
 
 def _search(f: Any, curve: dict[float, float]) -> None:
@@ -565,6 +575,22 @@ def lower_beyond_noise(sums: torch.Tensor, reference: torch.Tensor) -> bool:
     asks of any α further from B, asked of per-layer α's over the global one."""
     gain = (reference - sums).double()
     return float(gain.sum()) > (float(paired_spread(gain)) if gain.numel() > 1 else 0.0)
+
+
+def settled(sums: Mapping[float, torch.Tensor], chosen: float, alpha_min: float) -> bool:
+    """Whether the curve measured on part of the probes already gives "auto"'s answer, so that the rest
+    need not be measured. ``sums[α]``: per-probe sums over the probes measured (``sums[0.0]`` is B's).
+
+    More probes only shrink the standard error that :func:`within_noise` lowers α by: when even this
+    one lowered nothing (``chosen`` is the minimum, and not the top end of the search), neither
+    would a smaller one. The verdict's threshold must be clear as well: whether the reduction at
+    ``chosen`` reaches :data:`CARRY_THRESHOLD`, i.e. whether ``g_i = (1 − CARRY_THRESHOLD)·s_0,i − s_chosen,i``
+    sums to ≥ 0, must be answered by more than :data:`CLEAR_Z` paired standard errors.
+    """
+    if chosen != alpha_min or alpha_min >= ALPHA_MAX or 0.0 not in sums or sums[0.0].numel() < 2:
+        return False
+    g = (1.0 - CARRY_THRESHOLD) * sums[0.0] - sums[chosen]
+    return abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g))
 
 
 def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
@@ -674,16 +700,45 @@ def output_index(model: torch.nn.Module, family: str, perms: Mapping[str, torch.
     return perms[fixed[0]]
 
 
-def _null_divergence(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
-                     alpha: float | Mapping[str, float], seed: int) -> float:
-    """D at ``alpha`` with the task vector moved by a random symmetry (the null model of the verdict);
-    σ(δ) is formed tensor by tensor as the candidate is set, never as a second copy of δ."""
+def _null_model(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
+                alpha: float | Mapping[str, float], seed: int, chunks: list[int], kl_base: float,
+                base: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
+                least: int = 1) -> tuple[float, int]:
+    """(D of the null model over D(0), on the same probes; probes measured): the task vector at ``alpha``
+    moved by a random symmetry σ instead of π, the null model of the verdict. σ(δ) is formed tensor
+    by tensor as the candidate is set, never as a second copy of δ.
+
+    Given the per-probe sums of D(0) and of D at the written α over ``chunks`` (the curve's), ``base``
+    and ``chosen``, the null is measured chunk by chunk, at least ``least`` chunks (a few probes can
+    carry most of a gain: a small first sample can be confidently wrong), and stops once the
+    verdict's question is settled: whether it keeps at most ``1 − NULL_SHARE`` of the gain, i.e.
+    whether ``g_i = s_null,i − NULL_SHARE·s_0,i − (1 − NULL_SHARE)·s_chosen,i`` sums to ≥ 0 over the
+    probes, is answered once ``|Σ g|`` exceeds :data:`CLEAR_Z` paired standard errors
+    (:func:`paired_spread`). Without them every chunk is measured, against ``kl_base``.
+    """
     spec = module_spec(b, family)
     sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
 
     def moved(name: str, d: torch.Tensor) -> torch.Tensor:
         return permute_tensor(spec, name, d, sigma) if name in spec.axes else d  # a gather: exact in any dtype
-    return _evaluate(cand, teacher, alpha, transform=moved)
+    cand.set(alpha, transform=moved)
+    paired = base is not None and chosen is not None
+    sums: list[torch.Tensor] = []
+    count = 0
+    for k, (s, n) in enumerate(_chunk_sums(cand, teacher, chunks)):
+        sums.append(s)
+        count += n
+        null = torch.cat(sums)
+        if paired and least <= k + 1 < len(chunks):
+            m = null.numel()  # the chunks measured are the first of ``chunks``: their rows lead base's
+            g = null - NULL_SHARE * base[:m] - (1.0 - NULL_SHARE) * chosen[:m]
+            if m > 1 and abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g)):
+                break
+    null = torch.cat(sums)
+    if not paired:
+        return (mean_divergence(null, count) / kl_base if kl_base > 0 else 1.0), null.numel()
+    d0 = float(base[:null.numel()].sum())
+    return (float(null.sum()) / d0 if d0 > 0 else 1.0), null.numel()
 
 
 def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = None,
@@ -852,37 +907,63 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         raise RebasinError("calibration found no tensor of the task vector in the new base's module",
                            file=new_base)
     cand = Candidate(b, delta, dtype)
-    curve: dict[float, float] = {}
-    sums: dict[float, torch.Tensor] = {}  # per-probe sums behind each curve point (see within_noise)
-    positions = 1  # output positions the divergence averages over (the same at every α)
+    n_chunks = len(teacher.targets)
+    # "auto" measures the curve on the first half of the probes, and on the rest only when that half
+    # leaves the answer open (see settled); other requests measure every probe
+    active = list(range(max(1, n_chunks // 2) if alpha == "auto" and n_chunks >= 4 else n_chunks))
+    parts: dict[float, dict[int, torch.Tensor]] = {}  # per-probe sums of D(α), per chunk measured
+    chunk_positions: dict[int, int] = {}  # output positions per chunk (the same at every α)
+    curve: dict[float, float] = {}  # D(α) over the active chunks
+    sums: dict[float, torch.Tensor] = {}  # ... and the per-probe sums behind it (see within_noise)
     if target == "transferred":
-        cand.set(0.0)
-        sums[0.0], positions = teacher.onto(cand.module)  # B's forward forms the targets and gives D(0)
-        curve[0.0] = mean_divergence(sums[0.0], positions)
+        cand.set(0.0)  # B's forward forms the targets and gives D(0) on every probe
+        parts[0.0] = {}
+        for i, (s, n) in enumerate(teacher.onto(cand.module)):
+            parts[0.0][i], chunk_positions[i] = s, n
     lap("base")
 
     bar = tqdm(desc="calibrate α", unit="α", disable=not progress, leave=False)
 
+    def measure(a: float) -> None:
+        """D(a) on the active chunks not yet measured at ``a``, then the curve point over the active chunks."""
+        done = parts.setdefault(a, {})
+        todo = [i for i in active if i not in done]
+        if todo:
+            cand.set(a)
+            for i, (s, n) in zip(todo, _chunk_sums(cand, teacher, todo), strict=True):
+                done[i], chunk_positions[i] = s, n
+        sums[a] = torch.cat([done[i] for i in active])
+        curve[a] = mean_divergence(sums[a], sum(chunk_positions[i] for i in active))
+
     def f(a: float, exact: bool = False) -> float:
-        nonlocal positions
         a = a if exact else cand.representable(a)
         if a not in curve:
             bar.set_postfix(alpha=f"{a:.3g}")
-            sums[a], positions = _per_probe(cand, teacher, a)
-            curve[a] = mean_divergence(sums[a], positions)
+            measure(a)
             bar.update(1)
         return curve[a]
 
+    if 0.0 in parts:
+        measure(0.0)
     requested = alpha if isinstance(alpha, str) else f"{alpha:g}"
     layer_fit = None
     alphas = alpha_min = None
-    per_probe = False
     if isinstance(alpha, str):
-        _search(f, curve)
-        alpha_min = min(curve, key=curve.get)
-        per_probe = all(v.numel() == len(probes) for v in sums.values())  # a leading probe axis in the output
-        chosen = cand.representable(within_noise(curve, sums if per_probe else {}))
+        _search(f, curve)  # for "auto", over half the probes first
+        while True:
+            alpha_min = min(curve, key=curve.get)
+            rows = sum(len(parts[alpha_min][i]) for i in active)
+            per_probe = all(v.numel() == rows for v in sums.values())  # a leading probe axis in the output
+            chosen = cand.representable(within_noise(curve, sums if per_probe else {}))
+            if len(active) == n_chunks or (per_probe and settled(sums, chosen, alpha_min)):
+                break
+            active = list(range(n_chunks))
+            for a in list(curve):
+                measure(a)
+            if min(curve, key=curve.get) != alpha_min:  # every probe moved the minimum: bracket and refine again
+                _search(f, curve)
         kl_chosen = f(chosen)
+        chosen_sums = sums[chosen]
         if kl_chosen <= curve[alpha_min]:  # the parabolas dipped below the points the search stopped at
             alpha_min = chosen
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
@@ -893,29 +974,36 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             per_block = dict(zip(cand.blocks, (cand.representable(float(x)) for x in fitted), strict=True))
             # the per-layer α's must beat the best global α on the held-out probes, by more than the
             # paired standard error (as within_noise asks of any α further from B than another)
-            layer_sums, positions = _per_probe(cand, teacher, per_block, held)
+            layer_sums, held_positions = _per_probe(cand, teacher, per_block, held)
             global_sums = sums[alpha_min][teacher.rows(held)] if per_probe \
                 else _per_probe(cand, teacher, alpha_min, held)[0]
-            held_global, held_layer = mean_divergence(global_sums, positions), mean_divergence(layer_sums, positions)
+            held_global = mean_divergence(global_sums, held_positions)
+            held_layer = mean_divergence(layer_sums, held_positions)
             kept = lower_beyond_noise(layer_sums, global_sums)
             layer_fit = {"blocks": per_block, "heldout_global": held_global, "heldout_layer": held_layer,
                          "kept": kept, "steps": layer_steps}
             if kept:
                 alphas = per_block
-                kl_chosen = _evaluate(cand, teacher, per_block)
+                chosen_sums = _per_probe(cand, teacher, per_block)[0]
+                kl_chosen = mean_divergence(chosen_sums, sum(chunk_positions.values()))
     else:
         for a in sorted({0.0, 1.0, float(alpha)}):
             f(a, exact=True)
         chosen = float(alpha)
-        kl_chosen = curve[chosen]
+        kl_chosen, chosen_sums = curve[chosen], sums[chosen]
+        per_probe = all(v.numel() == len(teacher.rows(active)) for v in sums.values())
+    positions = sum(chunk_positions[i] for i in active)
     kl_base = curve[0.0]
     reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
     bar.close()
     lap("search")
-    kl_null = null_reduction = None
+    kl_null = null_reduction = null_probes = None
     if carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
-        kl_null = _null_divergence(cand, teacher, b, family, alphas if alphas is not None else chosen, seed)
-        null_reduction = 1.0 - kl_null / kl_base if kl_base > 0 else 0.0
+        paired = per_probe and chosen_sums is not None
+        ratio, null_probes = _null_model(cand, teacher, b, family, alphas if alphas is not None else chosen, seed,
+                                         active, kl_base, sums[0.0] if paired else None,
+                                         chosen_sums if paired else None, least=max(1, n_chunks // 2))
+        kl_null, null_reduction = kl_base * ratio, 1.0 - ratio
     lap("null")
     lowered = None
     if alpha_min is not None and alphas is None and chosen < alpha_min:
@@ -936,10 +1024,11 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     noise = None
     if alpha_min is not None and per_probe and sums[alpha_min].numel() > 1:
         noise = [[a, float(paired_spread(sums[a] - sums[alpha_min])) / max(positions, 1)] for a in sorted(curve)]
+    measured = len(teacher.rows(active))
     return Calibration(alpha=float(chosen), alphas=alphas, requested=requested, divergence=teacher.kind,
                        kl_base=kl_base, kl_chosen=kl_chosen, kl_at_one=curve.get(1.0), reduction=reduction,
-                       kl_null=kl_null, null_reduction=null_reduction,
+                       kl_null=kl_null, null_reduction=null_reduction, null_probes=null_probes,
                        curve=[[a, curve[a]] for a in sorted(curve)], verdict=verdict, line=line,
                        probes=probes.summary(), layer_fit=layer_fit, seconds=time.perf_counter() - t0,
                        phases=phases, dtype=str(dtype).removeprefix("torch."), target=target,
-                       alpha_min=alpha_min, noise=noise, lowered=lowered is not None)
+                       alpha_min=alpha_min, noise=noise, lowered=lowered is not None, measured=measured)

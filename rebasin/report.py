@@ -50,7 +50,11 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
                   f"- {name}({target_name(c)} ‖ B) = {c['kl_base']:.4g}; at the written α: {c['kl_chosen']:.4g} "
                   f"(relative reduction {c['reduction']:.1%})" + (f"; at α = 1: {c['kl_at_one']:.4g}"
                                                                     if c.get("kl_at_one") is not None else ""),
-                  f"- probes: {c['probes']['count']} × {c['probes']['kind']}; {c['seconds']:.1f} s"]
+                  f"- probes: {c['probes']['count']} × {c['probes']['kind']}"
+                  + (f", the curve measured on {c['measured']} (they settled it)"
+                     if (c.get("measured") or c['probes']['count']) < c['probes']['count'] else "")
+                  + (f", the null model on {c['null_probes']}" if c.get("null_probes") else "")
+                  + f"; {c['seconds']:.1f} s"]
         if c.get("lowered"):
             lines.append(f"- the minimum, at α = {c['alpha_min']:.2f}, is within one standard error (paired over "
                          f"the probes) of {name} at α = {c['alpha']:.2f}, nearer to B: that α is written")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -204,7 +205,7 @@ def test_transferred_target_is_the_finetune_when_b_is_a(planted):
 def test_transferred_targets_forward_of_b_gives_d0(planted):
     """Forming T runs B (the candidate at α = 0) over the probes once: the D(0) it returns is what the
     search would measure with a forward of its own (control: D(1) differs)."""
-    from rebasin.calibrate import Teacher, _evaluate, place_delta, task_vector
+    from rebasin.calibrate import Teacher, _per_probe, mean_divergence, place_delta, task_vector
     from rebasin.hf import load_hf_model
 
     ft = load_hf_model(planted / "Aft", what="test")
@@ -214,10 +215,11 @@ def test_transferred_targets_forward_of_b_gives_d0(planted):
     b = load_hf_model(planted / "B", what="test")
     cand = Candidate(b, place_delta(task_vector(ft, planted / "A", "llama", None, store=torch.float32), b, None))
     cand.set(0.0)
-    sums, positions = teacher.onto(cand.module)
+    parts = teacher.onto(cand.module)
+    sums, positions = torch.cat([s for s, _ in parts]), sum(n for _, n in parts)
     d0 = float(sums.sum()) / positions
-    assert sums.shape == (8,) and d0 > 0 and d0 == _evaluate(cand, teacher, 0.0)
-    assert _evaluate(cand, teacher, 1.0) != d0
+    assert sums.shape == (8,) and d0 > 0 and d0 == mean_divergence(*_per_probe(cand, teacher, 0.0))
+    assert mean_divergence(*_per_probe(cand, teacher, 1.0)) != d0
 
 
 def test_transferred_target_carries_the_whole_change_onto_b(planted, tmp_path, capsys):
@@ -445,6 +447,47 @@ def test_sampler_keeps_each_steps_raw_logits_in_one_buffer():
     assert torch.equal(sampler.keep[:, 0], steps[0]) and torch.equal(sampler.keep[:, 1], steps[1])
 
 
+def test_settled_needs_no_lowering_and_a_clear_verdict():
+    """Half the probes settle "auto" when within_noise lowered nothing there and the reduction is clearly
+    above (or below) the threshold; a lowered α, the top end, or a reduction at the threshold within
+    the noise leave it open (the controls use the same spread)."""
+    from rebasin.calibrate import ALPHA_MAX, CARRY_THRESHOLD, settled
+
+    gen = torch.Generator().manual_seed(0)
+    base = 1.0 + 0.2 * torch.rand(32, generator=gen, dtype=torch.float64)
+    deep = {0.0: base, 0.5: 0.5 * base, 1.0: 0.1 * base}
+    assert settled(deep, 1.0, 1.0)
+    assert not settled(deep, 0.5, 1.0)  # within_noise lowered α from the minimum
+    assert not settled({**deep, ALPHA_MAX: 0.05 * base}, ALPHA_MAX, ALPHA_MAX)
+    assert settled({0.0: base, 0.5: 1.1 * base}, 0.0, 0.0)  # no gain at all: clearly below the threshold
+    noise = 0.3 * torch.randn(32, generator=gen, dtype=torch.float64)
+    edge = {0.0: base, 1.0: (1 - CARRY_THRESHOLD) * base + noise - noise.mean()}  # at the threshold
+    assert not settled(edge, 1.0, 1.0)
+    assert settled({0.0: base, 1.0: (1 - 3 * CARRY_THRESHOLD) * base + 0.01 * noise}, 1.0, 1.0)
+
+
+def test_auto_measures_the_rest_of_the_probes_only_when_half_leaves_it_open(planted, monkeypatch, tmp_path):
+    """The planted pair's minimum is clear on half the probes: "auto" stops there, with the verdict and
+    about the α that every probe gives (control: CLEAR_Z = ∞ never settles, so every probe is measured);
+    a given α, and auto-layer, measure every probe."""
+    import rebasin.calibrate as cal
+
+    opts = {"perms": None, "probe_count": 16, "probe_length": 16}
+    half = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", alpha="auto", **opts)
+    given = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", alpha=0.5, **opts)
+    monkeypatch.setattr(cal, "CLEAR_Z", math.inf)
+    full = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", alpha="auto", **opts)
+    assert (half.measured, full.measured, given.measured) == (8, 16, 16), (half, full)
+    assert half.verdict == full.verdict == "carries over" and abs(half.alpha - full.alpha) < 0.1, (half, full)
+    assert len(half.noise) == len(half.curve)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert main(_diff_transfer(planted, "B", out)) == 0
+    c = json.loads((out / "report.json").read_text())["calibration"]
+    assert c["measured"] == c["probes"]["count"] // 2, c
+    assert f"the curve measured on {c['measured']} (they settled it)" in (out / "report.md").read_text()
+
+
 def test_per_layer_alphas_must_win_beyond_noise():
     """The auto-layer rule: a gain on every probe is kept; the same total gain carried by one probe
     among noise is not (control: both have the same mean)."""
@@ -519,6 +562,20 @@ def test_null_model_is_skipped_only_when_it_cannot_change_the_verdict(planted):
     if u.reduction < 0.1:
         assert u.kl_null is None and u.verdict == "does not carry over"
     assert set(c.phases) == {"load", "probes", "teacher", "base", "search", "null"}
+
+
+def test_null_model_stops_once_its_answer_is_clear(planted, monkeypatch):
+    """The planted u loses its gain under a random symmetry by far: the null stops after a chunk or two,
+    with the verdict, and a reduction near the one every probe gives (control: NULL_Z = ∞ measures all)."""
+    import rebasin.calibrate as cal
+
+    opts = {"perms": None, "alpha": "auto", "probe_count": 16, "probe_length": 16}
+    c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts)
+    monkeypatch.setattr(cal, "CLEAR_Z", math.inf)
+    full = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts)
+    assert full.null_probes == 16 and c.null_probes < 16 and c.verdict == full.verdict == "carries over", (c, full)
+    assert c.null_reduction < 0.5 * c.reduction and abs(c.null_reduction - full.null_reduction) < 0.5 * c.reduction
+    assert c.kl_null == pytest.approx(c.kl_base * (1 - c.null_reduction))
 
 
 def test_null_model_refuses_a_gain_every_symmetry_keeps(planted, tmp_path):
