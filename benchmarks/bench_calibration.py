@@ -15,8 +15,10 @@ fast). Each round pairs a match with a calibration back to back, so both see the
 (run to run, this shared 2-core machine varied by ±20% and more, match and calibration alike):
 the record gives the medians of the seconds and of the per-round ratio, and every round's ratio.
 Then, once each, the previous default probe shape (32 × 32: the same tokens in twice the
-sampling steps) and the other target (``--alpha-target transferred``: A is run over the probes
-too); then the same rounds onto ``B'``. Each record also has the target, the α found,
+sampling steps), the other target (``--alpha-target transferred``: A is run over the probes
+too), and every probe measured (``CLEAR_Z = ∞``: no curve settled on half the probes, no null
+model stopped early — the previous release's calibration, for a same-machine comparison); then
+the same rounds onto ``B'``. Each record also has the target, the α found,
 evaluations, the forward dtype, probes, the verdict, seconds per phase (first round), and the
 process's peak RSS while calibrating in the first round (sampled every 20 ms; RSS before it
 beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_peak`, which
@@ -36,6 +38,7 @@ build the checkpoints once; ``--quick``: tiny models, one round).
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import threading
@@ -68,8 +71,11 @@ def _rss() -> int:
 def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: str, **options: Any) -> dict[str, Any]:
     """One calibration, timed, with this process's peak RSS while it ran (sampled every 20 ms) and the
     transfer's prediction of it."""
+    import rebasin.calibrate as cal
     from rebasin.calibrate import calibrate, predicted_peak
 
+    clear_z = options.pop("clear_z", cal.CLEAR_Z)
+    saved, cal.CLEAR_Z = cal.CLEAR_Z, clear_z
     before, peak, done = _rss(), [0], threading.Event()
 
     def sample() -> None:
@@ -79,7 +85,10 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: st
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    c = calibrate(dirs["A"], dirs["Aft"], dirs["B"], family, perms=perms, alpha="auto", **options)
+    try:
+        c = calibrate(dirs["A"], dirs["Aft"], dirs["B"], family, perms=perms, alpha="auto", **options)
+    finally:
+        cal.CLEAR_Z = saved
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
@@ -87,7 +96,8 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: st
                                dirs["A"] if options.get("target") == "transferred" else None)
     return {"calibrate_s": seconds, "target": c.target, "alpha": round(c.alpha, 4), "evaluations": len(c.curve),
             "dtype": c.dtype, "probes": f"{c.probes['count']} x {c.probes.get('length', '?')}",
-            "reduction": round(c.reduction, 4), "verdict": c.verdict,
+            "reduction": round(c.reduction, 4), "verdict": c.verdict, "measured": c.measured,
+            "null_probes": c.null_probes,
             **{f"{k}_s": round(v, 2) for k, v in (c.phases or {}).items()},
             "rss_before_gib": round(before / 2**30, 2), "peak_rss_gib": round(peak[0] / 2**30, 2),
             "predicted_peak_gib": round(predicted / 2**30, 2)}
@@ -132,6 +142,8 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
     if previous:
         cases.append(("32 x 32 probes (the previous default shape)", {"probe_count": 32, "probe_length": 32}))
         cases.append(("--alpha-target transferred", {"target": "transferred"}))
+        cases.append(("every probe measured (CLEAR_Z = ∞: the curve and the null model as the previous "
+                      "release measured them)", {"clear_z": math.inf}))
     for label, options in cases:
         one = _calibrate(dirs, result.perms, family, **options)
         rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": records[0]["match_s"],

@@ -31,7 +31,7 @@ T gives D(0) too).
   α = 0 is within that noise, the verdict is "does not carry over". The search runs on half the
   probes first; the other half is measured at the same α's only when the first half leaves the
   answer open (:func:`settled`): when it lowered α, or the verdict's threshold is within the
-  noise (the search resumes when every probe puts the minimum at another point). A smaller
+  noise (the search resumes when every probe puts the minimum at an end of those α's). A smaller
   standard error could not lower α where a larger one did not, so a clear curve costs half its
   forwards.
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
@@ -960,8 +960,8 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             active = list(range(n_chunks))
             for a in list(curve):
                 measure(a)
-            if min(curve, key=curve.get) != alpha_min:  # every probe moved the minimum: bracket and refine again
-                _search(f, curve)
+            if min(curve, key=curve.get) in (min(curve), max(curve)):  # every probe put the minimum at an end
+                _search(f, curve)  # of the points evaluated: bracket it again (and refine)
         kl_chosen = f(chosen)
         chosen_sums = sums[chosen]
         if kl_chosen <= curve[alpha_min]:  # the parabolas dipped below the points the search stopped at
