@@ -14,11 +14,12 @@ today's defaults (probe size by model size; bfloat16 forwards where this CPU's b
 fast). Each round pairs a match with a calibration back to back, so both see the same machine
 (run to run, this shared 2-core machine varied by ±20% and more, match and calibration alike):
 the record gives the medians of the seconds and of the per-round ratio, and every round's ratio.
+Each round also runs, after the default calibration, one that measures every probe
+(``CLEAR_Z = ∞``: no curve settled on half the probes, no null model stopped early — the
+previous release's calibration, for a comparison on the same machine in the same minutes).
 Then, once each, the previous default probe shape (32 × 32: the same tokens in twice the
-sampling steps), the other target (``--alpha-target transferred``: A is run over the probes
-too), and every probe measured (``CLEAR_Z = ∞``: no curve settled on half the probes, no null
-model stopped early — the previous release's calibration, for a same-machine comparison); then
-the same rounds onto ``B'``. Each record also has the target, the α found,
+sampling steps) and the other target (``--alpha-target transferred``: A is run over the probes
+too); then the same rounds onto ``B'``. Each record also has the target, the α found,
 evaluations, the forward dtype, probes, the verdict, seconds per phase (first round), and the
 process's peak RSS while calibrating in the first round (sampled every 20 ms; RSS before it
 beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_peak`, which
@@ -103,27 +104,36 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: st
             "predicted_peak_gib": round(predicted / 2**30, 2)}
 
 
+EVERY_PROBE = {"clear_z": math.inf}  # no curve settled on half the probes, no null model stopped early
+EVERY_PROBE_LABEL = ("every probe measured (CLEAR_Z = ∞: the curve and the null model measured as the previous "
+                     "release did)")
+
+
 def _paired(a: Path, b: Path, device: str, family: str, dirs: dict[str, Path], repeats: int,
-            ) -> tuple[dict[str, Any], Any]:
-    """``repeats`` rounds of ``match(a, b)`` then a default calibration with its π, each pair run back to
-    back so both see the same machine: medians of the seconds and of the per-round ratio, the rounds'
-    ratios, and the first round's calibration record (the first calibration after a match in its
-    process, as in ``rebasin transfer``: its peak RSS is the one the plan predicts)."""
+            ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``repeats`` rounds of ``match(a, b)`` then, with its π, a default calibration and one measuring every
+    probe (:data:`EVERY_PROBE`), all back to back so they see the same machine. Per kind of calibration:
+    medians of the seconds and of the per-round ratio to the round's match, the rounds' ratios, and
+    the first round's calibration record (the default one is the first calibration after a match in
+    its process, as in ``rebasin transfer``: its peak RSS is the one the plan predicts)."""
     from rebasin.matching.api import match
 
-    rounds: list[tuple[float, dict[str, Any]]] = []
+    rounds: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
     result = None
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = match(a, b, device=device)
-        rounds.append((time.perf_counter() - t0, _calibrate({**dirs, "B": b}, result.perms, family)))
-    first = rounds[0][1]
-    ratios = [c["calibrate_s"] / m for m, c in rounds]
-    rec = {**first, "match_s": round(statistics.median(m for m, _ in rounds), 2),
-           "calibrate_s": round(statistics.median(c["calibrate_s"] for _, c in rounds), 2),
-           "calibrate_over_match": round(statistics.median(ratios), 3),
-           "ratio_per_round": [round(r, 3) for r in ratios], "rounds": repeats}
-    return rec, result
+        seconds = time.perf_counter() - t0
+        rounds.append((seconds, _calibrate({**dirs, "B": b}, result.perms, family),
+                       _calibrate({**dirs, "B": b}, result.perms, family, **EVERY_PROBE)))
+
+    def summary(k: int) -> dict[str, Any]:
+        ratios = [r[k]["calibrate_s"] / r[0] for r in rounds]
+        return {**rounds[0][k], "match_s": round(statistics.median(r[0] for r in rounds), 2),
+                "calibrate_s": round(statistics.median(r[k]["calibrate_s"] for r in rounds), 2),
+                "calibrate_over_match": round(statistics.median(ratios), 3),
+                "ratio_per_round": [round(x, 3) for x in ratios], "rounds": repeats}
+    return summary(1), summary(2), result
 
 
 def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str, import_s: float,
@@ -134,16 +144,15 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
     dirs = build_checkpoints(name, arch, cfg, cache)
     family = "llama" if arch.startswith("Llama") else "qwen2"
     params = open_model(dirs["A"]).checkpoint.numel()
-    rec, result = _paired(dirs["A"], dirs["B"], device, family, dirs, repeats)
-    records = [{"case": f"{name} calibrate, defaults", "model": name, "transformers_import_s": round(import_s, 2),
-                **rec, "load1": round(os.getloadavg()[0], 2), "params": params}]
-    print(records[-1], flush=True)
+    rec, every, result = _paired(dirs["A"], dirs["B"], device, family, dirs, repeats)
+    records = [{"case": f"{name} calibrate, {label}", "model": name, "transformers_import_s": round(import_s, 2),
+                **r, "load1": round(os.getloadavg()[0], 2), "params": params}
+               for label, r in (("defaults", rec), (EVERY_PROBE_LABEL, every))]
+    print(records[-2:], flush=True)
     cases = []
     if previous:
         cases.append(("32 x 32 probes (the previous default shape)", {"probe_count": 32, "probe_length": 32}))
         cases.append(("--alpha-target transferred", {"target": "transferred"}))
-        cases.append(("every probe measured (CLEAR_Z = ∞: the curve and the null model as the previous "
-                      "release measured them)", {"clear_z": math.inf}))
     for label, options in cases:
         one = _calibrate(dirs, result.perms, family, **options)
         rec = {"case": f"{name} calibrate, {label}", "model": name, "match_s": records[0]["match_s"],
@@ -179,11 +188,12 @@ def run(quick: bool, device: str) -> list[dict]:
                 for rec in _planted(big, arch, cfg, cache, device, import_s, False, 1)[0]]
     records, dirs = _planted(name, "LlamaForCausalLM", SHAPES[name], cache, device, import_s, True, repeats)
     independent = build_checkpoints(name, "LlamaForCausalLM", SHAPES[name], cache, seed=1)["A"]
-    rec, other = _paired(dirs["A"], independent, device, "llama", dirs, repeats)
-    records.append({"case": f"{name} calibrate onto an independent B', defaults", "model": name,
-                    "match_sweeps": other.sweeps, "transformers_import_s": round(import_s, 2), **rec,
-                    "load1": round(os.getloadavg()[0], 2), "params": open_model(dirs["A"]).checkpoint.numel()})
-    print(records[-1], flush=True)
+    rec, every, other = _paired(dirs["A"], independent, device, "llama", dirs, repeats)
+    for label, r in (("defaults", rec), (EVERY_PROBE_LABEL, every)):
+        records.append({"case": f"{name} calibrate onto an independent B', {label}", "model": name,
+                        "match_sweeps": other.sweeps, "transformers_import_s": round(import_s, 2), **r,
+                        "load1": round(os.getloadavg()[0], 2), "params": open_model(dirs["A"]).checkpoint.numel()})
+        print(records[-1], flush=True)
     for big, (arch, cfg) in configs(quick).items():  # the fraction at the next size up (scale benchmark's pair)
         if big.startswith("qwen2"):
             records += _planted(big, arch, cfg, cache, device, import_s, False, repeats)[0]

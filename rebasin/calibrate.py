@@ -232,10 +232,10 @@ class Candidate:
         self.module = module
         self.params = dict(module.named_parameters())
         self.base = {k: self.params[k].detach() for k in delta}  # B's values as loaded, only ever read
-        for k in delta:  # set() writes into fresh memory: module.to(dtype) allocates it, or a copy does
-            p = self.params[k]  # (writing into tensors transformers memory-mapped copies a page per fault)
-            if p.dtype == dtype:
-                p.data = p.detach().clone()
+        for k in delta:  # set() writes into fresh memory: module.to(dtype) allocates it, or this does
+            p = self.params[k]  # (writing into tensors transformers memory-mapped copies a page per fault);
+            if p.dtype == dtype:  # every set() writes all of it, the first before any forward
+                p.data = torch.empty_like(p)
         module.to(dtype)
         self.dtype = dtype
         self.delta = delta
@@ -952,7 +952,7 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         _search(f, curve)  # for "auto", over half the probes first
         while True:
             alpha_min = min(curve, key=curve.get)
-            rows = sum(len(parts[alpha_min][i]) for i in active)
+            rows = len(teacher.rows(active))
             per_probe = all(v.numel() == rows for v in sums.values())  # a leading probe axis in the output
             chosen = cand.representable(within_noise(curve, sums if per_probe else {}))
             if len(active) == n_chunks or (per_probe and settled(sums, chosen, alpha_min)):
