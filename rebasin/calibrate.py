@@ -29,11 +29,10 @@ T gives D(0) too).
   over the probes (:func:`within_noise`; no extra forward to find it, one to measure it): where
   the probes cannot tell them apart, the α nearer to B, which costs B's own task less; when even
   α = 0 is within that noise, the verdict is "does not carry over". The search runs on half the
-  probes first; the other half is measured at the same α's only when the first half leaves the
-  answer open (:func:`settled`): when it lowered α, or the verdict's threshold is within the
-  noise (the search resumes when every probe puts the minimum at an end of those α's). A smaller
-  standard error could not lower α where a larger one did not, so a clear curve costs half its
-  forwards.
+  probes first; the other half is measured at the same α's (and the search brackets and refines
+  again) only when the first half leaves the answer open (:func:`settled`): when it lowered α, or
+  the verdict's threshold or its null model is within the noise. A smaller standard error is
+  unlikely to lower α where a larger one did not, so a clear curve costs half its forwards.
 * ``auto-layer``: one α per block (a transformer layer, or the embeddings/head outside the
   layers), fitted by Adam on the same D, regularised toward the global α; kept only if on
   held-out probes it lowers D below the best global α's by more than the paired standard
@@ -154,7 +153,8 @@ class Calibration:
         alphas: per-block α when ``auto-layer`` was kept, else None.
         requested: "auto", "auto-layer", or the number the user gave (then only D(0), D(α) are measured).
         divergence: "kl" (output distributions) or "nmse" (headless models' features).
-        kl_base: D(0), the new base's divergence from the fine-tune.
+        kl_base: D(0), the new base's divergence from the fine-tune. It, ``kl_chosen``, ``kl_at_one``,
+            ``reduction``, ``curve`` and ``noise`` are over the ``measured`` probes.
         kl_chosen: D at the written α (α's).
         kl_at_one: D(1) when measured, else None.
         reduction: ``1 − kl_chosen / kl_base``.
@@ -220,6 +220,7 @@ class Calibration:
 
 class Candidate:
     """``B + α·δ`` as a live module: ``base`` and ``delta`` are keyed by the module's parameter names.
+    The parameters with a delta hold nothing meaningful until the first :meth:`set`.
 
     ``delta`` holds π(τ) already placed in B's shapes (vocabulary rows mapped); parameters
     without a delta stay B's. ``base`` holds B's values as loaded (exact: float32, or the
@@ -486,11 +487,10 @@ def mean_divergence(sums: torch.Tensor, positions: int) -> float:
 
 
 def _per_probe(cand: Candidate, teacher: Teacher, alpha: float | Mapping[str, float],
-               slices: list[int] | None = None,
-               transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+               slices: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """(per-probe sums of the divergence ``(probes,)`` float64, number of positions) at ``alpha`` over
     the chunks ``slices`` (all by default): D = sums.sum() / positions."""
-    cand.set(alpha, transform)
+    cand.set(alpha)
     sums, count = [], 0
     for s, n in _chunk_sums(cand, teacher, slices if slices is not None else range(len(teacher.targets))):
         sums.append(s)
@@ -578,14 +578,16 @@ def lower_beyond_noise(sums: torch.Tensor, reference: torch.Tensor) -> bool:
 
 
 def settled(sums: Mapping[float, torch.Tensor], chosen: float, alpha_min: float) -> bool:
-    """Whether the curve measured on part of the probes already gives "auto"'s answer, so that the rest
-    need not be measured. ``sums[α]``: per-probe sums over the probes measured (``sums[0.0]`` is B's).
+    """Whether the curve measured on part of the probes already gives "auto"'s α, so that the rest need
+    not be measured (the null model is asked the same of that part, see :func:`_null_model`).
+    ``sums[α]``: per-probe sums over the probes measured (``sums[0.0]`` is B's).
 
-    More probes only shrink the standard error that :func:`within_noise` lowers α by: when even this
-    one lowered nothing (``chosen`` is the minimum, and not the top end of the search), neither
-    would a smaller one. The verdict's threshold must be clear as well: whether the reduction at
-    ``chosen`` reaches :data:`CARRY_THRESHOLD`, i.e. whether ``g_i = (1 − CARRY_THRESHOLD)·s_0,i − s_chosen,i``
-    sums to ≥ 0, must be answered by more than :data:`CLEAR_Z` paired standard errors.
+    More probes shrink the standard error that :func:`within_noise` lowers α by: when even this one
+    lowered nothing (``chosen`` is the minimum, and not the top end of the search), a smaller one
+    is unlikely to (the rise it is compared with is re-estimated too). The verdict's threshold must
+    be clear as well: whether the reduction at ``chosen`` reaches :data:`CARRY_THRESHOLD`, i.e.
+    whether ``g_i = (1 − CARRY_THRESHOLD)·s_0,i − s_chosen,i`` sums to ≥ 0, must be answered by more
+    than :data:`CLEAR_Z` paired standard errors.
     """
     if chosen != alpha_min or alpha_min >= ALPHA_MAX or 0.0 not in sums or sums[0.0].numel() < 2:
         return False
@@ -701,44 +703,54 @@ def output_index(model: torch.nn.Module, family: str, perms: Mapping[str, torch.
 
 
 def _null_model(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: str,
-                alpha: float | Mapping[str, float], seed: int, chunks: list[int], kl_base: float,
-                base: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
-                least: int = 1) -> tuple[float, int]:
-    """(D of the null model over D(0), on the same probes; probes measured): the task vector at ``alpha``
-    moved by a random symmetry σ instead of π, the null model of the verdict. σ(δ) is formed tensor
-    by tensor as the candidate is set, never as a second copy of δ.
+                alpha: float | Mapping[str, float], seed: int, chunks: list[int], *, kl_base: float,
+                reduction: float, base: torch.Tensor | None = None, chosen: torch.Tensor | None = None,
+                least: int = 1, done: list[torch.Tensor] | None = None,
+                ) -> tuple[float, list[torch.Tensor], bool]:
+    """(the null model's reduction of D, its per-probe sums per chunk measured, whether its answer is
+    clear): the task vector at ``alpha`` moved by a random symmetry σ instead of π, the null model of
+    the verdict. σ(δ) is formed tensor by tensor as the candidate is set, never as a second copy of δ.
 
-    Given the per-probe sums of D(0) and of D at the written α over ``chunks`` (the curve's), ``base``
-    and ``chosen``, the null is measured chunk by chunk, at least ``least`` chunks (a few probes can
-    carry most of a gain: a small first sample can be confidently wrong), and stops once the
-    verdict's question is settled: whether it keeps at most ``1 − NULL_SHARE`` of the gain, i.e.
-    whether ``g_i = s_null,i − NULL_SHARE·s_0,i − (1 − NULL_SHARE)·s_chosen,i`` sums to ≥ 0 over the
-    probes, is answered once ``|Σ g|`` exceeds :data:`CLEAR_Z` paired standard errors
-    (:func:`paired_spread`). Without them every chunk is measured, against ``kl_base``.
+    Given the per-probe sums of D(0) and of D at the written α over ``chunks`` (the curve's, in its
+    order), ``base`` and ``chosen``, the null is measured chunk by chunk (resuming after the chunks
+    in ``done``), at least ``least`` chunks (a few probes can carry most of a gain: a small first
+    sample can be confidently wrong), and stops once the verdict's question — does σ keep at most
+    ``1 − NULL_SHARE`` of the gain, i.e. does ``g_i = s_σ,i − NULL_SHARE·s_0,i − (1 − NULL_SHARE)·s_ᾱ,i``
+    sum to ≥ 0 — is answered by more than :data:`CLEAR_Z` paired standard errors
+    (:func:`paired_spread`); not clear after every chunk, the answer is returned as not clear. The
+    reduction is then ``reduction`` (over every chunk of the curve) times the share of the gain σ
+    keeps on the probes measured, so that the verdict's comparison is the test's. Without ``base``
+    and ``chosen``, every chunk is measured and the reduction is ``1 − D_σ / kl_base``.
     """
     spec = module_spec(b, family)
     sigma = random_perms(spec, torch.Generator().manual_seed(seed + 1))
 
     def moved(name: str, d: torch.Tensor) -> torch.Tensor:
         return permute_tensor(spec, name, d, sigma) if name in spec.axes else d  # a gather: exact in any dtype
-    cand.set(alpha, transform=moved)
     paired = base is not None and chosen is not None
-    sums: list[torch.Tensor] = []
+    sums = list(done or [])
     count = 0
-    for k, (s, n) in enumerate(_chunk_sums(cand, teacher, chunks)):
-        sums.append(s)
-        count += n
-        null = torch.cat(sums)
-        if paired and least <= k + 1 < len(chunks):
-            m = null.numel()  # the chunks measured are the first of ``chunks``: their rows lead base's
-            g = null - NULL_SHARE * base[:m] - (1.0 - NULL_SHARE) * chosen[:m]
-            if m > 1 and abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g)):
+    clear = False
+    if len(sums) < len(chunks):
+        cand.set(alpha, transform=moved)
+    for k in range(len(chunks)):
+        if k >= len(sums):
+            s, n = next(_chunk_sums(cand, teacher, [chunks[k]]))
+            sums.append(s)
+            count += n
+        if paired and k + 1 >= least:
+            m = sum(len(x) for x in sums)  # the chunks measured lead ``chunks``: their rows lead base's
+            g = torch.cat(sums) - NULL_SHARE * base[:m] - (1.0 - NULL_SHARE) * chosen[:m]
+            clear = m > 1 and abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g))
+            if clear:
                 break
     null = torch.cat(sums)
     if not paired:
-        return (mean_divergence(null, count) / kl_base if kl_base > 0 else 1.0), null.numel()
-    d0 = float(base[:null.numel()].sum())
-    return (float(null.sum()) / d0 if d0 > 0 else 1.0), null.numel()
+        return (1.0 - mean_divergence(null, count) / kl_base if kl_base > 0 else 0.0), sums, True
+    m = null.numel()
+    d0, gain = float(base[:m].sum()), float(base[:m].sum() - chosen[:m].sum())
+    kept = d0 - float(null.sum())
+    return (reduction * kept / gain if gain > 0 else kept / d0 if d0 > 0 else 0.0), sums, clear
 
 
 def predicted_peak(finetuned: Path, new_base: Path, probe_count: int | None = None,
@@ -943,6 +955,27 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             bar.update(1)
         return curve[a]
 
+    def choose() -> tuple[float, bool, float]:
+        """(the curve's minimum, whether the sums are per probe, the α to write: :func:`within_noise` of
+        the minimum), on the active chunks."""
+        lowest = min(curve, key=curve.get)
+        by_probe = all(v.numel() == len(teacher.rows(active)) for v in sums.values())  # a leading probe axis
+        return lowest, by_probe, cand.representable(within_noise(curve, sums if by_probe else {}))
+
+    def measure_written(lowest: float, written: float) -> tuple[float, float]:
+        """(the minimum, D at the α written): the written α becomes the minimum where the parabolas
+        of :func:`within_noise` dipped below the points the search stopped at."""
+        d = f(written)
+        return (written if d <= curve[lowest] else lowest), d
+
+    def widen() -> None:
+        """Every probe, at the α's evaluated; the search brackets and refines again where that moved the minimum."""
+        nonlocal active
+        active = list(range(n_chunks))
+        for a in list(curve):
+            measure(a)
+        _search(f, curve)
+
     if 0.0 in parts:
         measure(0.0)
     requested = alpha if isinstance(alpha, str) else f"{alpha:g}"
@@ -950,22 +983,12 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     alphas = alpha_min = None
     if isinstance(alpha, str):
         _search(f, curve)  # for "auto", over half the probes first
-        while True:
-            alpha_min = min(curve, key=curve.get)
-            rows = len(teacher.rows(active))
-            per_probe = all(v.numel() == rows for v in sums.values())  # a leading probe axis in the output
-            chosen = cand.representable(within_noise(curve, sums if per_probe else {}))
-            if len(active) == n_chunks or (per_probe and settled(sums, chosen, alpha_min)):
-                break
-            active = list(range(n_chunks))
-            for a in list(curve):
-                measure(a)
-            if min(curve, key=curve.get) in (min(curve), max(curve)):  # every probe put the minimum at an end
-                _search(f, curve)  # of the points evaluated: bracket it again (and refine)
-        kl_chosen = f(chosen)
+        alpha_min, per_probe, chosen = choose()
+        if len(active) < n_chunks and not (per_probe and settled(sums, chosen, alpha_min)):
+            widen()
+            alpha_min, per_probe, chosen = choose()
+        alpha_min, kl_chosen = measure_written(alpha_min, chosen)
         chosen_sums = sums[chosen]
-        if kl_chosen <= curve[alpha_min]:  # the parabolas dipped below the points the search stopped at
-            alpha_min = chosen
         if alpha == "auto-layer" and len(teacher.targets) >= 2 and len(cand.blocks) > 1:
             n = len(teacher.targets)
             fit, held = list(range(0, n, 2)), list(range(1, n, 2))
@@ -998,12 +1021,22 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
     bar.close()
     lap("search")
     kl_null = null_reduction = null_probes = None
-    if carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
+    null_done: list[torch.Tensor] = []
+    while carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
         paired = per_probe and chosen_sums is not None
-        ratio, null_probes = _null_model(cand, teacher, b, family, alphas if alphas is not None else chosen, seed,
-                                         active, kl_base, sums[0.0] if paired else None,
-                                         chosen_sums if paired else None, least=max(1, n_chunks // 2))
-        kl_null, null_reduction = kl_base * ratio, 1.0 - ratio
+        null_reduction, null_done, clear = _null_model(
+            cand, teacher, b, family, alphas if alphas is not None else chosen, seed, active, kl_base=kl_base,
+            reduction=reduction, base=sums[0.0] if paired else None, chosen=chosen_sums if paired else None,
+            least=min(len(active), max(1, n_chunks // 2)), done=null_done)
+        if clear or len(active) == n_chunks:
+            kl_null, null_probes = kl_base * (1.0 - null_reduction), len(teacher.rows(active[:len(null_done)]))
+            break
+        widen()  # half the probes settled α, not the null's answer: every probe, and α chosen again
+        alpha_min, per_probe, chosen = choose()
+        alpha_min, kl_chosen = measure_written(alpha_min, chosen)
+        chosen_sums, positions, kl_base = sums[chosen], sum(chunk_positions[i] for i in active), curve[0.0]
+        reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
+        null_reduction = None
     lap("null")
     lowered = None
     if alpha_min is not None and alphas is None and chosen < alpha_min:

@@ -340,7 +340,8 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
         lines.append(f"calibration: {c['divergence'].upper()}({target_name(c)} ‖ B) {c['kl_base']:.4g} -> "
                      f"{c['kl_chosen']:.4g} "
                      f"at α = {c['alpha']:.3g} ({c['seconds']:.1f} s, {c['probes']['count']} {c['probes']['kind']} "
-                     "probes)")
+                     "probes" + (f"; {c['measured']} of them settled it)"
+                                 if (c.get("measured") or c["probes"]["count"]) < c["probes"]["count"] else ")"))
         lines.append(c["line"])
     alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:.3g}"
     lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: {tensor_counts(r)})")

@@ -14,7 +14,8 @@
   tokenized with the fine-tune's tokenizer) or a ``.safetensors`` file of input tensors
   (``input_ids``, ``pixel_values``, ... with a leading batch axis).
 
-Every probe set is a deterministic function of the model, the sizes and the seed.
+Every probe set is a deterministic function of the model, the sizes and the seed; sets whose
+order is not already random (image probes, ``--probe-data``) are shuffled by the seed.
 """
 from __future__ import annotations
 
@@ -321,10 +322,19 @@ def make_probes(model: torch.nn.Module, *, count: int = 32, length: int = 128, s
                 model_dir: Path | None = None, probe_data: str | Path | None = None) -> Probes:
     """The probe set for ``model`` (the fine-tune): see the module docstring."""
     if probe_data is not None:
-        return user_probes(probe_data, model, model_dir, length, count)
+        return shuffled(user_probes(probe_data, model, model_dir, length, count), seed)
     if getattr(model.config, "vision_config", None) is not None or getattr(model, "main_input_name", "") == \
             "pixel_values":
-        return image_probes(model, count, seed, length)
+        return shuffled(image_probes(model, count, seed, length), seed)
     if is_causal_lm(model):
         return sampled_probes(model, count, length, seed)
     return token_probes(model, count, length, seed, model_dir)
+
+
+def shuffled(probes: Probes, seed: int) -> Probes:
+    """``probes`` in a seeded random order, so that any part of them is a random sample (calibration
+    measures half of them first; image probes come grouped by kind, a user's file in its order)."""
+    order = torch.randperm(len(probes), generator=torch.Generator().manual_seed(seed))
+    out = probes.batch(order)
+    out.logits = probes.logits[order] if probes.logits is not None else None
+    return out

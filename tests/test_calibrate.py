@@ -466,7 +466,8 @@ def test_settled_needs_no_lowering_and_a_clear_verdict():
     assert settled({0.0: base, 1.0: (1 - 3 * CARRY_THRESHOLD) * base + 0.01 * noise}, 1.0, 1.0)
 
 
-def test_auto_measures_the_rest_of_the_probes_only_when_half_leaves_it_open(planted, monkeypatch, tmp_path):
+def test_auto_measures_the_rest_of_the_probes_only_when_half_leaves_it_open(planted, monkeypatch, tmp_path,
+                                                                          capsys):
     """The planted pair's minimum is clear on half the probes: "auto" stops there, with the verdict and
     about the α that every probe gives (control: CLEAR_Z = ∞ never settles, so every probe is measured);
     a given α, and auto-layer, measure every probe."""
@@ -485,6 +486,7 @@ def test_auto_measures_the_rest_of_the_probes_only_when_half_leaves_it_open(plan
     assert main(_diff_transfer(planted, "B", out)) == 0
     c = json.loads((out / "report.json").read_text())["calibration"]
     assert c["measured"] == c["probes"]["count"] // 2, c
+    assert f"sampled probes; {c['measured']} of them settled it)" in capsys.readouterr().out
     assert f"the curve measured on {c['measured']} (they settled it)" in (out / "report.md").read_text()
 
 
@@ -565,17 +567,39 @@ def test_null_model_is_skipped_only_when_it_cannot_change_the_verdict(planted):
 
 
 def test_null_model_stops_once_its_answer_is_clear(planted, monkeypatch):
-    """The planted u loses its gain under a random symmetry by far: the null stops after a chunk or two,
-    with the verdict, and a reduction near the one every probe gives (control: NULL_Z = ∞ measures all)."""
+    """A given α measures every probe; the planted u loses its gain under a random symmetry by far, so the
+    null stops at half the probes (its floor), with the verdict and a reduction near the one every
+    probe gives (control: CLEAR_Z = ∞ measures all)."""
     import rebasin.calibrate as cal
 
-    opts = {"perms": None, "alpha": "auto", "probe_count": 16, "probe_length": 16}
+    opts = {"perms": None, "alpha": 0.5, "probe_count": 16, "probe_length": 16}
     c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts)
     monkeypatch.setattr(cal, "CLEAR_Z", math.inf)
     full = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts)
-    assert full.null_probes == 16 and c.null_probes < 16 and c.verdict == full.verdict == "carries over", (c, full)
+    assert (c.measured, c.null_probes, full.null_probes) == (16, 8, 16), (c, full)
+    assert c.verdict == full.verdict == "carries over"
     assert c.null_reduction < 0.5 * c.reduction and abs(c.null_reduction - full.null_reduction) < 0.5 * c.reduction
     assert c.kl_null == pytest.approx(c.kl_base * (1 - c.null_reduction))
+
+
+def test_a_null_model_open_on_half_the_probes_measures_them_all(planted, monkeypatch):
+    """When half the probes settle α but not the null model's answer, every probe is measured, α is
+    chosen again, and the null resumes where it stopped (control: the same run without the forced
+    doubt stops at half)."""
+    import rebasin.calibrate as cal
+
+    real, calls = cal._null_model, []
+
+    def doubtful(*args, **kwargs):
+        reduction, sums, clear = real(*args, **kwargs)
+        calls.append((len(args[6]), len(kwargs["done"])))
+        return reduction, sums, clear and len(args[6]) == 4  # "open" on the half (2 of 4 chunks)
+    opts = {"perms": None, "alpha": "auto", "probe_count": 16, "probe_length": 16}
+    half = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts)
+    monkeypatch.setattr(cal, "_null_model", doubtful)
+    c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", **opts)
+    assert (half.measured, c.measured) == (8, 16) and calls == [(2, 0), (4, 2)], (calls, half, c)
+    assert c.verdict == half.verdict == "carries over" and c.null_probes >= 8
 
 
 def test_null_model_refuses_a_gain_every_symmetry_keeps(planted, tmp_path):
