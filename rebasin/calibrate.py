@@ -577,6 +577,12 @@ def lower_beyond_noise(sums: torch.Tensor, reference: torch.Tensor) -> bool:
     return float(gain.sum()) > (float(paired_spread(gain)) if gain.numel() > 1 else 0.0)
 
 
+def clear_of_zero(g: torch.Tensor) -> bool:
+    """Whether per-probe values ``g`` ``(n,)`` sum clear of 0: ``|Σ g|`` above :data:`CLEAR_Z` paired
+    standard errors (:func:`paired_spread`; never with fewer than two probes)."""
+    return g.numel() > 1 and abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g))
+
+
 def settled(sums: Mapping[float, torch.Tensor], chosen: float, alpha_min: float) -> bool:
     """Whether the curve measured on part of the probes already gives "auto"'s α, so that the rest need
     not be measured (the null model is asked the same of that part, see :func:`_null_model`).
@@ -586,13 +592,12 @@ def settled(sums: Mapping[float, torch.Tensor], chosen: float, alpha_min: float)
     lowered nothing (``chosen`` is the minimum, and not the top end of the search), a smaller one
     is unlikely to (the rise it is compared with is re-estimated too). The verdict's threshold must
     be clear as well: whether the reduction at ``chosen`` reaches :data:`CARRY_THRESHOLD`, i.e.
-    whether ``g_i = (1 − CARRY_THRESHOLD)·s_0,i − s_chosen,i`` sums to ≥ 0, must be answered by more
-    than :data:`CLEAR_Z` paired standard errors.
+    whether ``g_i = (1 − CARRY_THRESHOLD)·s_0,i − s_chosen,i`` sums to ≥ 0, must be answered
+    (:func:`clear_of_zero`).
     """
-    if chosen != alpha_min or alpha_min >= ALPHA_MAX or 0.0 not in sums or sums[0.0].numel() < 2:
+    if chosen != alpha_min or alpha_min >= ALPHA_MAX or 0.0 not in sums:
         return False
-    g = (1.0 - CARRY_THRESHOLD) * sums[0.0] - sums[chosen]
-    return abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g))
+    return clear_of_zero((1.0 - CARRY_THRESHOLD) * sums[0.0] - sums[chosen])
 
 
 def _vertex(x0: float, x1: float, x2: float, f0: float, f1: float, f2: float) -> float:
@@ -716,8 +721,8 @@ def _null_model(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: s
     in ``done``), at least ``least`` chunks (a few probes can carry most of a gain: a small first
     sample can be confidently wrong), and stops once the verdict's question — does σ keep at most
     ``1 − NULL_SHARE`` of the gain, i.e. does ``g_i = s_σ,i − NULL_SHARE·s_0,i − (1 − NULL_SHARE)·s_ᾱ,i``
-    sum to ≥ 0 — is answered by more than :data:`CLEAR_Z` paired standard errors
-    (:func:`paired_spread`); not clear after every chunk, the answer is returned as not clear. The
+    sum to ≥ 0 — is answered (:func:`clear_of_zero`); not clear after every chunk, the answer is
+    returned as not clear. The
     reduction is then ``reduction`` (over every chunk of the curve) times the share of the gain σ
     keeps on the probes measured, so that the verdict's comparison is the test's. Without ``base``
     and ``chosen``, every chunk is measured and the reduction is ``1 − D_σ / kl_base``.
@@ -740,8 +745,7 @@ def _null_model(cand: Candidate, teacher: Teacher, b: torch.nn.Module, family: s
             count += n
         if paired and k + 1 >= least:
             m = sum(len(x) for x in sums)  # the chunks measured lead ``chunks``: their rows lead base's
-            g = torch.cat(sums) - NULL_SHARE * base[:m] - (1.0 - NULL_SHARE) * chosen[:m]
-            clear = m > 1 and abs(float(g.sum())) > CLEAR_Z * float(paired_spread(g))
+            clear = clear_of_zero(torch.cat(sums) - NULL_SHARE * base[:m] - (1.0 - NULL_SHARE) * chosen[:m])
             if clear:
                 break
     null = torch.cat(sums)
@@ -955,12 +959,15 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             bar.update(1)
         return curve[a]
 
+    def by_probe() -> bool:
+        """Whether the sums are per probe (the output has a leading probe axis)."""
+        return all(v.numel() == len(teacher.rows(active)) for v in sums.values())
+
     def choose() -> tuple[float, bool, float]:
-        """(the curve's minimum, whether the sums are per probe, the α to write: :func:`within_noise` of
-        the minimum), on the active chunks."""
-        lowest = min(curve, key=curve.get)
-        by_probe = all(v.numel() == len(teacher.rows(active)) for v in sums.values())  # a leading probe axis
-        return lowest, by_probe, cand.representable(within_noise(curve, sums if by_probe else {}))
+        """(the curve's minimum, :func:`by_probe`, the α to write: :func:`within_noise` of the minimum),
+        on the active chunks."""
+        lowest, per = min(curve, key=curve.get), by_probe()
+        return lowest, per, cand.representable(within_noise(curve, sums if per else {}))
 
     def measure_written(lowest: float, written: float) -> tuple[float, float]:
         """(the minimum, D at the α written): the written α becomes the minimum where the parabolas
@@ -1014,19 +1021,18 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
             f(a, exact=True)
         chosen = float(alpha)
         kl_chosen, chosen_sums = curve[chosen], sums[chosen]
-        per_probe = all(v.numel() == len(teacher.rows(active)) for v in sums.values())
-    positions = sum(chunk_positions[i] for i in active)
-    kl_base = curve[0.0]
-    reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
-    bar.close()
+        per_probe = by_probe()
     lap("search")
     kl_null = null_reduction = null_probes = None
     null_done: list[torch.Tensor] = []
-    while carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null cannot matter
-        paired = per_probe and chosen_sums is not None
+    while True:
+        positions, kl_base = sum(chunk_positions[i] for i in active), curve[0.0]
+        reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
+        if not carries_over(reduction, 0.0, chosen if isinstance(alpha, str) else 0.0):  # else the null
+            break  # cannot matter
         null_reduction, null_done, clear = _null_model(
             cand, teacher, b, family, alphas if alphas is not None else chosen, seed, active, kl_base=kl_base,
-            reduction=reduction, base=sums[0.0] if paired else None, chosen=chosen_sums if paired else None,
+            reduction=reduction, base=sums[0.0] if per_probe else None, chosen=chosen_sums if per_probe else None,
             least=min(len(active), max(1, n_chunks // 2)), done=null_done)
         if clear or len(active) == n_chunks:
             kl_null, null_probes = kl_base * (1.0 - null_reduction), len(teacher.rows(active[:len(null_done)]))
@@ -1034,9 +1040,8 @@ def calibrate(old_base: Path, finetuned: Path, new_base: Path, family: str, *,
         widen()  # half the probes settled α, not the null's answer: every probe, and α chosen again
         alpha_min, per_probe, chosen = choose()
         alpha_min, kl_chosen = measure_written(alpha_min, chosen)
-        chosen_sums, positions, kl_base = sums[chosen], sum(chunk_positions[i] for i in active), curve[0.0]
-        reduction = 1.0 - kl_chosen / kl_base if kl_base > 0 else 0.0
-        null_reduction = None
+        chosen_sums, null_reduction = sums[chosen], None
+    bar.close()
     lap("null")
     lowered = None
     if alpha_min is not None and alphas is None and chosen < alpha_min:

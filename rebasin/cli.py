@@ -316,7 +316,7 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def format_transfer(report: dict[str, Any], output: Path) -> str:
     """What a finished transfer prints: what was written, the alignment and verification lines."""
-    from rebasin.report import target_name, tensor_counts
+    from rebasin.report import settled_on, target_name, tensor_counts
 
     r = report
     lines = []
@@ -340,8 +340,7 @@ def format_transfer(report: dict[str, Any], output: Path) -> str:
         lines.append(f"calibration: {c['divergence'].upper()}({target_name(c)} ‖ B) {c['kl_base']:.4g} -> "
                      f"{c['kl_chosen']:.4g} "
                      f"at α = {c['alpha']:.3g} ({c['seconds']:.1f} s, {c['probes']['count']} {c['probes']['kind']} "
-                     "probes" + (f"; {c['measured']} of them settled it)"
-                                 if (c.get("measured") or c["probes"]["count"]) < c["probes"]["count"] else ")"))
+                     "probes" + (f"; {settled_on(c)} of them settled it)" if settled_on(c) else ")"))
         lines.append(c["line"])
     alpha = "per layer" if c and c.get("alphas") else f"{r['alpha']:.3g}"
     lines.append(f"wrote {output} ({r['mode']} mode, α={alpha}; tensors: {tensor_counts(r)})")

@@ -51,8 +51,7 @@ def markdown(report: dict[str, Any], plot: bool) -> str:
                   f"(relative reduction {c['reduction']:.1%})" + (f"; at α = 1: {c['kl_at_one']:.4g}"
                                                                     if c.get("kl_at_one") is not None else ""),
                   f"- probes: {c['probes']['count']} × {c['probes']['kind']}"
-                  + (f", the curve measured on {c['measured']} (they settled it)"
-                     if (c.get("measured") or c['probes']['count']) < c['probes']['count'] else "")
+                  + (f", the curve measured on {settled_on(c)} (they settled it)" if settled_on(c) else "")
                   + (f", the null model on {c['null_probes']}" if c.get("null_probes") else "")
                   + f"; {c['seconds']:.1f} s"]
         if c.get("lowered"):
@@ -185,6 +184,12 @@ def plot_alignment(path: Path, groups: list[dict[str, Any]]) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def settled_on(calibration: dict[str, Any]) -> int | None:
+    """The probes that settled the α curve when they were fewer than all made, else None."""
+    measured = calibration.get("measured")
+    return measured if measured is not None and measured < calibration["probes"]["count"] else None
 
 
 def target_name(calibration: dict[str, Any]) -> str:
