@@ -13,9 +13,13 @@ import inspect
 import pkgutil
 from pathlib import Path
 
-import torch
+from rebasin.hugepages import use_huge_pages
 
-from benchmarks.common import device_info, write_results
+use_huge_pages()  # before torch is imported: the benchmarks run as the command line does
+
+import torch  # noqa: E402
+
+from benchmarks.common import device_info, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

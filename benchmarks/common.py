@@ -32,6 +32,7 @@ def device_info(device: str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",  # torch's large buffers (rebasin.hugepages)
     }
     info.update(machine_state())
     if device.startswith("cuda") and torch.cuda.is_available():
