@@ -8,6 +8,10 @@ from setuptools import Extension, find_packages, setup
 # runs its torch path (rebasin.solvers.native.native_available() says which).
 LAPCORE = Extension("rebasin.solvers._lapcore", ["rebasin/solvers/_lapcore.c"], optional=True,
                     extra_compile_args=["-O3", "-fopenmp-simd"])
+# The permutation engine's gather along a last axis (rebasin/symmetry/_gathercore.c); optional too:
+# without it rebasin.symmetry.gather uses torch's indexing.
+GATHERCORE = Extension("rebasin.symmetry._gathercore", ["rebasin/symmetry/_gathercore.c"], optional=True,
+                       extra_compile_args=["-O3"])
 
 setup(
     name="rebasin-engine",
@@ -22,7 +26,7 @@ setup(
     packages=[*find_packages(include=["rebasin", "rebasin.*"]), "rebasin_kernels"],
     package_dir={"rebasin_kernels": "kernels"},
     package_data={"rebasin": ["specs/families/*.toml"]},
-    ext_modules=[LAPCORE],
+    ext_modules=[LAPCORE, GATHERCORE],
     install_requires=[
         "torch>=2.1",
         "safetensors>=0.4",

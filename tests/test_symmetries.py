@@ -557,7 +557,7 @@ def test_every_kind_has_one_matcher_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
-@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 5)])
+@pytest.mark.parametrize("shape", [(7,), (5, 6), (3, 4, 5), (300, 257), (4, 100, 200)])  # the last two: C loop
 def test_gather_is_index_select_bit_for_bit(dtype, shape):
     from rebasin.symmetry import gather
 
@@ -574,3 +574,21 @@ def test_gather_is_index_select_bit_for_bit(dtype, shape):
         index = torch.randperm(view.shape[axis], generator=g)
         out = gather(view, axis, index)
         assert out.is_contiguous() and torch.equal(out, view.index_select(axis, index))
+
+
+def test_gather_last_axis_in_c_checks_its_index():
+    """The C gather (built with the package) serves large last-axis gathers: any item size, an index that
+    repeats or drops columns, and an out-of-range index refused like torch's."""
+    from rebasin.symmetry import base
+
+    if base._gathercore() is None:
+        pytest.skip("the C extension rebasin.symmetry._gathercore was not built (no C compiler)")
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.bool, torch.uint8, torch.bfloat16, torch.float32, torch.float64):
+        t = (torch.randn(400, 300, generator=g) * 50).to(dtype)
+        assert base._native_last(t)
+        index = torch.randint(0, 300, (123,), generator=g)
+        assert torch.equal(base._gather_last(t, index), t[:, index])
+    with pytest.raises(IndexError, match="out of range"):
+        base.gather(torch.zeros(400, 300), 1, torch.tensor([0, 300]))
+    assert not base._native_last(torch.zeros(10, 10))  # small: torch's indexing

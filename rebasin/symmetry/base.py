@@ -26,6 +26,7 @@ the gather on blocks of an axis, ``new_block = R @ gathered_block``.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,13 +40,47 @@ Norms = torch.Tensor | None  # (d_head, n) per-dimension norm weights of an atte
 
 
 def gather(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
-    """``tensor.index_select(axis, index)``, bit for bit. On CPU an inner axis is gathered by advanced
-    indexing instead, about twice as fast there (index_select walks the strided axis element by element:
-    55 vs 29 ms for a 32000 × 768 bfloat16 matrix's columns on a 2-core Xeon)."""
+    """``tensor.index_select(axis, index)``, bit for bit. On CPU the last axis of a large tensor is
+    gathered by the C loop of ``_gathercore`` (6× torch's kernel on a vocabulary matrix's columns),
+    other inner axes by advanced indexing (about twice index_select's speed there: it walks the
+    strided axis element by element, 55 vs 29 ms for a 32000 × 768 bfloat16 matrix's columns)."""
     index = index.to(tensor.device)
-    if axis % max(tensor.dim(), 1) == 0 or tensor.device.type != "cpu":
+    dim = tensor.dim()
+    if axis % max(dim, 1) == 0 or tensor.device.type != "cpu":
         return tensor.index_select(axis, index)
-    return tensor[(slice(None),) * (axis % tensor.dim()) + (index,)].contiguous()  # as index_select's, always
+    if axis % dim == dim - 1 and _native_last(tensor):
+        return _gather_last(tensor, index)
+    return tensor[(slice(None),) * (axis % dim) + (index,)].contiguous()  # as index_select's, always
+
+
+NATIVE_MIN = 1 << 16  # elements: smaller gathers stay with torch (the call costs more than the loop)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # items copied as these bits
+
+
+@functools.cache
+def _gathercore() -> Any:
+    try:
+        from rebasin.symmetry import _gathercore
+    except ImportError:  # built by setup.py where a C compiler was found
+        return None
+    return _gathercore
+
+
+def _native_last(tensor: torch.Tensor) -> bool:
+    return (tensor.numel() >= NATIVE_MIN and tensor.element_size() in _BITS and not tensor.is_complex()
+            and not (tensor.requires_grad and torch.is_grad_enabled()) and _gathercore() is not None)
+
+
+def _gather_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[..., index]`` of a CPU tensor by ``_gathercore.gather_last``, its rows split among torch's threads."""
+    src = tensor.detach().contiguous()
+    index = index.reshape(-1).to(torch.int64).contiguous()
+    m, k = src.shape[-1], index.numel()
+    out = torch.empty((*src.shape[:-1], k), dtype=src.dtype)
+    bits = _BITS[src.element_size()]
+    _gathercore().gather_last(src.view(bits).numpy(), index.numpy(), out.view(bits).numpy(), src.numel() // m, m, k,
+                              torch.get_num_threads())
+    return out
 
 
 def arange_rows(shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
