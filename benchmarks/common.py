@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from rebasin import hugepages
+
 
 def device_info(device: str = "cpu") -> dict[str, Any]:
     """Name the machine a figure came from."""
@@ -32,7 +34,7 @@ def device_info(device: str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",  # torch's large buffers (rebasin.hugepages)
+        "huge_pages": huge_pages(),
     }
     info.update(machine_state())
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -40,6 +42,15 @@ def device_info(device: str = "cpu") -> dict[str, Any]:
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def huge_pages() -> str:
+    """Whether torch asks for huge pages (:mod:`rebasin.hugepages`) and the kernel's mode, e.g. "on (madvise)"."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    return f"{'on' if os.environ.get(hugepages.VARIABLE) == '1' else 'off'} ({mode})"
 
 
 def machine_state() -> dict[str, Any]:

@@ -216,33 +216,3 @@ def test_two_gloo_processes_match_one_process(llama4, tmp_path):
     want = load_file(tmp_path / "single" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
-
-_HUGE_PAGES_PROBE = """
-import os, sys
-from rebasin.hugepages import use_huge_pages
-print(use_huge_pages())
-import torch
-x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # 64 MiB, touched
-with open("/proc/self/smaps_rollup") as f:
-    print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")) >> 10)
-"""
-
-
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file()
-                    or "[madvise]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
-                    reason="the kernel's transparent huge pages are not in madvise mode (then torch's request changes "
-                           "nothing: always maps every large region that way, never none)")
-def test_huge_pages_before_torch_and_off_when_the_user_says_so():
-    """use_huge_pages() before torch's import makes its large buffers huge pages; THP_MEM_ALLOC_ENABLE=0
-    from the user is kept, and then they are not (the control)."""
-    def run(value: str | None) -> tuple[str, int]:
-        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-        if value is not None:
-            env["THP_MEM_ALLOC_ENABLE"] = value
-        out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_PROBE], env=env, capture_output=True, text=True,
-                             check=True, timeout=120).stdout.split()
-        return out[0], int(out[1])
-    on, huge = run(None)
-    assert on == "True" and huge >= 32  # MiB of the 64 in huge pages
-    off, none = run("0")
-    assert off == "False" and none < 8

@@ -586,9 +586,26 @@ def test_gather_last_axis_in_c_checks_its_index():
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.bool, torch.uint8, torch.bfloat16, torch.float32, torch.float64):
         t = (torch.randn(400, 300, generator=g) * 50).to(dtype)
-        assert base._native_last(t)
         index = torch.randint(0, 300, (123,), generator=g)
+        assert base._native_last(t, index)
         assert torch.equal(base._gather_last(t, index), t[:, index])
     with pytest.raises(IndexError, match="out of range"):
         base.gather(torch.zeros(400, 300), 1, torch.tensor([0, 300]))
-    assert not base._native_last(torch.zeros(10, 10))  # small: torch's indexing
+    assert not base._native_last(torch.zeros(10, 10), index)  # small: torch's indexing
+    assert not base._native_last(torch._neg_view(torch.ones(400, 300)), index)  # lazy negation: torch's
+    core = base._gathercore()
+    for outer, m, k in ((7, 50, 20), (0, 5, 3), (5, 5, 0), (1, 9, 9)):  # rows split 3 ways unevenly, empty sides
+        src = torch.arange(outer * m, dtype=torch.int32).view(outer, m)
+        index = torch.randint(0, m, (k,), generator=g)
+        out = torch.full((outer, k), -1, dtype=torch.int32)
+        core.gather_last(src.numpy(), index.numpy(), out.numpy(), outer, m, k, 3)
+        assert torch.equal(out, src[:, index])
+    with pytest.raises(IndexError):  # m = 0: no index is in range
+        core.gather_last(torch.zeros(0, dtype=torch.int32).numpy(), torch.zeros(1, dtype=torch.int64).numpy(),
+                         torch.zeros(4, dtype=torch.int32).numpy(), 4, 0, 1, 1)
+    with pytest.raises(ValueError, match="overflow"):  # sizes whose product wraps are refused, not trusted
+        core.gather_last(torch.zeros(3, 4, dtype=torch.int32).numpy(), torch.zeros(2, dtype=torch.int64).numpy(),
+                         torch.zeros(3, 2, dtype=torch.int32).numpy(), 2**62 + 3, 4, 2, 1)
+    with pytest.raises(TypeError, match="int64"):
+        core.gather_last(torch.zeros(3, 4).numpy(), torch.zeros(2, dtype=torch.float64).numpy(),
+                         torch.zeros(3, 2).numpy(), 3, 4, 2, 1)
