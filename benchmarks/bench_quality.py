@@ -52,13 +52,13 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
     from rebasin.toy import FAMILIES, KINDS, build_pair_set, recipe
     from rebasin.toy.evaluate import evaluate
     from rebasin.toy.train import pick_threads
-    from rebasin.toy.transfers import AUTO, FIXED, LAYER, PERM_ONLY, TRANSFERRED, run_kind
+    from rebasin.toy.transfers import AUTO, BUDGET, FIXED, LAYER, PERM_ONLY, TRANSFERRED, run_kind
 
     del device  # CPU study: the models are tiny
     torch.set_num_threads(pick_threads(2))
     _log(f"torch threads: {torch.get_num_threads()}")
     n_seeds = seeds if seeds is not None else (1 if quick else 2)
-    methods = FIXED + AUTO + TRANSFERRED + PERM_ONLY + (() if quick else LAYER)
+    methods = FIXED + AUTO + TRANSFERRED + PERM_ONLY + BUDGET + (() if quick else LAYER)
     preset = "quick" if quick else "full"
     raw: list[dict[str, Any]] = []
     t_all = time.perf_counter()
@@ -95,7 +95,8 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
                                    verdict_right=check.get("right"), kl_reduction=cal.get("reduction"),
                                    calib_s=cal.get("seconds"), transfer_s=row["seconds"],
                                    evaluations=len(cal["curve"]) if cal.get("curve") else None,
-                                   measured=cal.get("measured"), null_probes=cal.get("null_probes"))
+                                   measured=cal.get("measured"), null_probes=cal.get("null_probes"),
+                                   probe_tokens=_probe_tokens(cal.get("probes") or {}))
                         if row.get("match"):
                             rec.update(match_objective=row["match"]["objective"],
                                        match_objective_identity=row["match"]["objective_identity"],
@@ -109,6 +110,15 @@ def run(quick: bool, device: str, seeds: int | None = None) -> list[dict[str, An
     LAST_RUN["seconds"] = time.perf_counter() - t_all
     _log(f"done in {LAST_RUN['seconds']:.0f} s")
     return aggregate(raw)
+
+
+def _probe_tokens(probes: dict[str, Any]) -> int | None:
+    """Probe inputs × outputs each (tokens of a sequence, 1 for an image): the calibration's budget."""
+    count = probes.get("count")
+    if count is None:
+        return None
+    ids = (probes.get("shapes") or {}).get("input_ids")
+    return int(count) * (int(ids[1]) if ids and len(ids) > 1 and "pixel_values" not in probes["shapes"] else 1)
 
 
 def _cost(higher_is_better: bool, base: float, value: float) -> float:
@@ -133,7 +143,8 @@ def aggregate(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         agg: dict[str, Any] = {"family": family, "kind": kind, "method": method, "metric": recs[0].get("metric"),
                                "seeds": len(recs)}
         for field in ("sub", "recovered", "general", "cost", "alpha", "kl_reduction", "calib_s", "transfer_s",
-                      "evaluations", "measured", "null_probes", "match_objective", "match_objective_identity",
+                      "evaluations", "measured", "null_probes", "probe_tokens", "match_objective",
+                      "match_objective_identity",
                       "match_cos"):
             vals = [r[field] for r in recs if r.get(field) is not None]
             if vals:
@@ -209,6 +220,7 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
                 cells.append("" if rec is None else ("failed" if "error" in rec else _pm(rec, "recovered", ".0%")))
             lines.append(f"| {fam} | {KIND_LABELS[kind]} | " + " | ".join(cells) + " |")
     lines += target_section(by)
+    lines += budget_section(by)
     lines += symmetries_section(by)
     lines += ["", "## Was the verdict right? (seeds where it held / seeds)", "",
               "| family | " + " | ".join(KIND_LABELS[k] for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]
@@ -270,6 +282,31 @@ def target_section(by: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
                              f"{_pm(moved, 'alpha', '.2f')} | {_pm(plain, 'cost', fmt, scale)} | "
                              f"{_pm(moved, 'cost', fmt, scale)} | {plain.get('verdict_right', '')} | "
                              f"{moved.get('verdict_right', '')} |")
+    return lines
+
+
+def budget_section(by: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
+    """Markdown: rebasin auto with the small-model probe default vs the ≥100M default shape and half of it."""
+    from rebasin.toy import FAMILIES, KIND_LABELS, KINDS
+    from rebasin.toy.transfers import BUDGETS
+
+    names = ["rebasin auto", *(f"rebasin auto [{b}]" for b in BUDGETS)]
+    lines = ["", "## Probe budget: the small-model default vs the ≥100M default shape (64 × 16 tokens; 128 images "
+             "for image classifiers) and half its probes", "",
+             "Calibration on ≥ 100M-parameter models samples fewer, shorter probes (their forwards cost ∝ "
+             "parameters × tokens); here that shape runs on the study's small models. Per budget: probe "
+             "tokens (images for ViT), gain, α, right (seeds where the verdict held). Means over seeds.", "",
+             "| family | kind | " + " | ".join(f"{n.removeprefix('rebasin auto').strip(' []') or 'default'}: "
+                                              "tokens, gain, α, right" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for fam in FAMILIES:
+        for kind in KINDS:
+            recs = [by.get((fam, kind, n)) for n in names]
+            if any(r is None or "error" in r for r in recs):
+                continue
+            cells = [f"{r.get('probe_tokens', 0):.0f}, {_pm(r, 'recovered', '.0%')}, {_pm(r, 'alpha', '.2f')}, "
+                     f"{r.get('verdict_right', '')}" for r in recs]
+            lines.append(f"| {fam} | {KIND_LABELS[kind]} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -161,3 +161,20 @@ def test_replay_batches_mix_in_general_rows(family):
         assert v.shape[0] == n and torch.equal(v, torch.cat([own[k], general[k]]))
     plain = task.batch("sub", torch.Generator().manual_seed(3))
     assert not torch.equal(plain[next(iter(plain))], mixed[next(iter(mixed))])
+
+
+def test_probe_budget_is_the_large_model_shape():
+    """The study's probe-budget methods calibrate small models with the ≥100M default shape (and half its
+    probes): 64 × 16 tokens for text, 128 images for image classifiers — what calibrate would pick itself
+    at LARGE_PARAMS; a smaller model's own default differs (the control)."""
+    from rebasin.calibrate import LARGE_PARAMS, probe_shape
+    from rebasin.toy.transfers import BUDGET, probe_budget
+
+    text = {"architectures": ["LlamaForCausalLM"]}
+    vit = {"architectures": ["ViTForImageClassification"]}
+    assert probe_budget("≥100M probes", text) == {"probe_count": 64, "probe_length": 16}
+    assert probe_budget("half ≥100M probes", text) == {"probe_count": 32, "probe_length": 16}
+    assert probe_budget("≥100M probes", vit)["probe_count"] == 128
+    assert probe_budget("half ≥100M probes", vit)["probe_count"] == 64
+    assert probe_shape(LARGE_PARAMS - 1, config=text) != (64, 16)
+    assert [m.name for m in BUDGET] == ["rebasin auto [≥100M probes]", "rebasin auto [half ≥100M probes]"]

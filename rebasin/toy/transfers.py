@@ -29,18 +29,32 @@ class Method:
     alpha: float | str
     symmetries: str = "full"
     target: str = "finetune"  # the calibration's (``alpha_target``)
+    probes: str = ""  # the calibration's probe budget: "" the model's default, or a key of BUDGETS
 
     @property
     def name(self) -> str:
         a = self.alpha if isinstance(self.alpha, str) else f"α={self.alpha:g}"
         return (f"{self.mode} {a}" + (" (perm only)" if self.symmetries == "perm" else "")
-                + (" →B" if self.target == "transferred" else ""))
+                + (" →B" if self.target == "transferred" else "") + (f" [{self.probes}]" if self.probes else ""))
 
     @property
     def slug(self) -> str:
         a = self.alpha if isinstance(self.alpha, str) else f"a{self.alpha:g}"
         return (f"{self.mode}-{a}" + ("-perm" if self.symmetries == "perm" else "")
-                + ("-transferred" if self.target == "transferred" else ""))
+                + ("-transferred" if self.target == "transferred" else "") + (f"-{self.probes}" if self.probes else ""))
+
+
+BUDGETS = {"≥100M probes": 1.0, "half ≥100M probes": 0.5}  # the default probe shape of a model of
+# rebasin.calibrate.LARGE_PARAMS parameters and more, with this share of its probe count (see probe_budget)
+
+
+def probe_budget(budget: str, config: dict[str, Any]) -> dict[str, int]:
+    """``probe_count`` and ``probe_length`` of ``budget`` (a key of :data:`BUDGETS`) for a model with
+    checkpoint ``config``: what calibration would use were the model ≥ ``LARGE_PARAMS`` parameters."""
+    from rebasin.calibrate import LARGE_PARAMS, probe_shape
+
+    count, length = probe_shape(LARGE_PARAMS, config=config)
+    return {"probe_count": max(1, round(count * BUDGETS[budget])), "probe_length": length}
 
 
 FIXED = (Method("diff", 1.0), Method("rebasin", 1.0))
@@ -49,6 +63,7 @@ LAYER = (Method("diff", "auto-layer"), Method("rebasin", "auto-layer"))
 PERM_ONLY = (Method("rebasin", 1.0, "perm"), Method("rebasin", "auto", "perm"))  # --symmetries perm
 TRANSFERRED = (Method("diff", "auto", target="transferred"),  # --alpha-target transferred
                Method("rebasin", "auto", target="transferred"))
+BUDGET = tuple(Method("rebasin", "auto", probes=b) for b in BUDGETS)  # the ≥100M probe shape on small models
 
 
 @dataclass
@@ -101,6 +116,7 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
     :func:`rebasin.transfer.transfer` call (e.g. ``probe_count``). With ``merges``, also evaluates
     ½(A + B) and ½(π(A) + B) on B's task (π from the first rebasin transfer).
     """
+    from rebasin.io.checkpoint import open_checkpoint
     from rebasin.io.perms_file import load_perms
     from rebasin.transfer import transfer
 
@@ -123,9 +139,10 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
             log(f"{kind}: transfer {m.name}")
         t0 = time.perf_counter()
         try:
+            budget = probe_budget(m.probes, open_checkpoint(ps.A).config) if m.probes else {}
             t = transfer(ps.A, ps.A_ft, b, dest, mode=m.mode, alpha=m.alpha, overwrite=True, progress=progress,
                          perms=perms_by.get(m.symmetries) if m.mode == "rebasin" else None,
-                         symmetries=m.symmetries, alpha_target=m.target, **(options or {}))
+                         symmetries=m.symmetries, alpha_target=m.target, **{**(options or {}), **budget})
         except Exception as exc:  # a method that fails is a result too: it is reported, the others still run
             row.update(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
             res.rows.append(row)
