@@ -13,13 +13,9 @@ import inspect
 import pkgutil
 from pathlib import Path
 
-from rebasin.hugepages import use_huge_pages
+import torch
 
-use_huge_pages()  # before torch is imported: the benchmarks run as the command line does
-
-import torch  # noqa: E402
-
-from benchmarks.common import device_info, write_results  # noqa: E402
+from benchmarks.common import device_info, write_results
 
 HERE = Path(__file__).resolve().parent
 

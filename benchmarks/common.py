@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from rebasin import hugepages
-
 
 def device_info(device: str = "cpu") -> dict[str, Any]:
     """Name the machine a figure came from."""
@@ -45,12 +43,13 @@ def device_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def huge_pages() -> str:
-    """Whether torch asks for huge pages (:mod:`rebasin.hugepages`) and the kernel's mode, e.g. "on (madvise)"."""
+    """Whether torch asks for transparent huge pages on its large CPU buffers (``THP_MEM_ALLOC_ENABLE=1``, read
+    when torch starts; off unless set) and the kernel's mode, e.g. "off (madvise)"."""
     try:
         mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
     except (OSError, IndexError):
         mode = "unknown"
-    return f"{'on' if os.environ.get(hugepages.VARIABLE) == '1' else 'off'} ({mode})"
+    return f"{'on' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else 'off'} ({mode})"
 
 
 def machine_state() -> dict[str, Any]:

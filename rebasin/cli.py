@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rebasin.errors import EXIT_CODES_HELP, RebasinError
-from rebasin.hugepages import use_huge_pages
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -391,7 +390,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    use_huge_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "no_verdict", False) and isinstance(args.alpha, str):
