@@ -42,7 +42,7 @@ Norms = torch.Tensor | None  # (d_head, n) per-dimension norm weights of an atte
 def gather(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     """``tensor.index_select(axis, index)``, bit for bit. On CPU the last axis of a large tensor is
     gathered by the C loop of ``_gathercore`` (the hidden axis of a 151936 × 896 bfloat16 matrix:
-    64 ms against 256 ms by advanced indexing on 2 cores, ``python -m benchmarks gather``), other
+    185 ms against 379 ms by advanced indexing on 2 cores, ``python -m benchmarks gather``), other
     inner axes by advanced indexing (about twice index_select's speed there: it walks the strided
     axis element by element)."""
     index = index.to(tensor.device)
