@@ -5,7 +5,7 @@
 A permutation of a hidden axis gathers the columns of every matrix that reads it — the
 embedding and the LM head included (vocabulary × hidden). Per shape, bfloat16, a random
 permutation of the last axis, a fresh output each call as the engine makes it (page faults
-included; the runner turns huge pages on as the command line does): ours vs
+included; huge pages as the environment sets them, named in the record): ours vs
 ``index_select(-1)`` vs advanced indexing ``x[:, index]`` (the previous path), medians of 5.
 Results are checked bit for bit against ``index_select``.
 """

@@ -215,4 +215,3 @@ def test_two_gloo_processes_match_one_process(llama4, tmp_path):
     got = load_file(tmp_path / "transfer" / "model.safetensors")
     want = load_file(tmp_path / "single" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-

@@ -132,6 +132,7 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
     res = KindResult(kind, ev(b), ev(b_ft))
     perms_by: dict[str, Path] = {}  # π per symmetries setting, from the first rebasin transfer that matched
     order = sorted(methods, key=lambda m: (m.mode != "rebasin", not isinstance(m.alpha, float), m.alpha != 1.0))
+    a_config = open_checkpoint(ps.A).config if any(m.probes for m in methods) else {}  # for probe budgets
     for m in order:
         dest = out / f"{kind}-{m.slug}"
         row: dict[str, Any] = {"method": m.name, "mode": m.mode, "alpha_requested": m.alpha, "path": str(dest)}
@@ -139,7 +140,7 @@ def run_kind(ps: PairSet, kind: str, methods: Sequence[Method], out: Path, *, me
             log(f"{kind}: transfer {m.name}")
         t0 = time.perf_counter()
         try:
-            budget = probe_budget(m.probes, open_checkpoint(ps.A).config) if m.probes else {}
+            budget = probe_budget(m.probes, a_config) if m.probes else {}
             t = transfer(ps.A, ps.A_ft, b, dest, mode=m.mode, alpha=m.alpha, overwrite=True, progress=progress,
                          perms=perms_by.get(m.symmetries) if m.mode == "rebasin" else None,
                          symmetries=m.symmetries, alpha_target=m.target, **{**(options or {}), **budget})
