@@ -26,6 +26,14 @@ beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_pe
 assumes today's forward dtype). The planted pair is the match's easiest case (the row bound
 settles every solve); onto ``B'`` the match takes more sweeps.
 
+Each default-target record also accounts for its forwards (:func:`_floor`): the token-forwards it
+ran (the sampler's ``count × length``, every curve point's and the null model's probe tokens), their
+GEMM FLOPs, and ``gemm_floor_s``, the seconds those GEMMs alone take at the rate this machine gives
+the model's own weight shapes at the calibration's row counts (timed in the same run,
+``gemm_gflops_eval`` / ``_sample``): what any calibration on these probes costs here at least.
+``floor_over_match`` sets that against the round's match, and ``match_cores`` is the match's CPU
+seconds over its wall seconds (cores it kept busy: what work run beside it could use).
+
 Then the same match and calibration (defaults) on the scale benchmark's planted Qwen2-0.5B-shaped
 pair (494M parameters, 151936-token vocabulary; ``--quick``: its tiny Qwen2): how the fraction
 moves with size.
@@ -41,15 +49,18 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import statistics
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.bench_scale import build_checkpoints
+from benchmarks.common import timeit
 
 SHAPES = {
     "llama-125m": {"model_type": "llama", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -64,9 +75,68 @@ SHAPES = {
 REPEATS = 3  # rounds of match + calibration per default case (the machine varies ±20% run to run)
 
 
+def _cpu_seconds() -> float:
+    """This process's CPU seconds so far (user + system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gemm_shapes(model_dir: Path) -> list[tuple[int, int]]:
+    """(out, in) of every weight a forward multiplies by: the 2-D weights but the input embedding,
+    and that embedding as the head where the head is tied to it (no ``lm_head.weight``)."""
+    from rebasin.io.checkpoint import open_checkpoint
+
+    tensors = open_checkpoint(model_dir).tensors
+    shapes = [tuple(i.shape) for n, i in tensors.items()
+              if len(i.shape) == 2 and n.endswith(".weight") and "embed_tokens" not in n]
+    if not any(n.endswith("lm_head.weight") for n in tensors):
+        shapes += [tuple(i.shape) for n, i in tensors.items() if n.endswith("embed_tokens.weight")]
+    return shapes
+
+
+_GEMM_S: dict[tuple[tuple[tuple[int, int], ...], int, torch.dtype], float] = {}
+
+
+def _gemm_seconds(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype) -> float:
+    """Seconds for ``rows`` tokens through every GEMM of ``shapes`` on this machine (each distinct shape
+    timed, the median of five, then counted as often as it occurs)."""
+    key = (tuple(shapes), rows, dtype)
+    if key not in _GEMM_S:
+        total = 0.0
+        for (out, inp), times in Counter(shapes).items():
+            x, w = torch.randn(rows, inp).to(dtype), torch.randn(out, inp).to(dtype)
+            seconds, _ = timeit(lambda x=x, w=w: x @ w.T, repeat=5)
+            total += times * seconds
+        _GEMM_S[key] = total
+    return _GEMM_S[key]
+
+
+def _floor(c: Any, model_dir: Path) -> dict[str, Any]:
+    """The forwards calibration ``c`` ran (the fine-tune target; every point of the curve on ``c.measured``
+    probes, the null model on ``c.null_probes``) and the seconds their GEMMs alone take here."""
+    from rebasin.calibrate import chunk_size
+    from rebasin.io.checkpoint import open_checkpoint
+
+    if c.target != "finetune" or c.probes.get("kind") != "sampled":
+        return {}
+    count, length = c.probes["count"], c.probes["length"]
+    sample, evaluate = count * length, (len(c.curve) * c.measured + (c.null_probes or 0)) * length
+    shapes = _gemm_shapes(model_dir)
+    macs = sum(o * i for o, i in shapes)
+    vocab = int(open_checkpoint(model_dir).config.get("vocab_size") or 1)
+    rows = chunk_size(count, length, vocab) * length
+    dtype = getattr(torch, c.dtype)
+    t_sample, t_eval = _gemm_seconds(shapes, count, dtype), _gemm_seconds(shapes, rows, dtype)
+    floor = sample / count * t_sample + evaluate / rows * t_eval
+    return {"token_forwards": sample + evaluate, "sampled_tokens": sample, "evaluated_tokens": evaluate,
+            "forward_tflop": round(2 * macs * (sample + evaluate) / 1e12, 3),
+            "gemm_gflops_sample": round(2 * macs * count / t_sample / 1e9),
+            "gemm_gflops_eval": round(2 * macs * rows / t_eval / 1e9), "gemm_floor_s": round(floor, 2)}
 
 
 def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: str, **options: Any) -> dict[str, Any]:
@@ -101,7 +171,7 @@ def _calibrate(dirs: dict[str, Path], perms: dict[str, torch.Tensor], family: st
             "null_probes": c.null_probes,
             **{f"{k}_s": round(v, 2) for k, v in (c.phases or {}).items()},
             "rss_before_gib": round(before / 2**30, 2), "peak_rss_gib": round(peak[0] / 2**30, 2),
-            "predicted_peak_gib": round(predicted / 2**30, 2)}
+            "predicted_peak_gib": round(predicted / 2**30, 2), **_floor(c, dirs["B"])}
 
 
 EVERY_PROBE = {"clear_z": math.inf}  # no curve settled on half the probes, no null model stopped early
@@ -119,20 +189,26 @@ def _paired(a: Path, b: Path, device: str, family: str, dirs: dict[str, Path], r
     from rebasin.matching.api import match
 
     rounds: list[tuple[float, dict[str, Any], dict[str, Any]]] = []
+    cores: list[float] = []
     result = None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         result = match(a, b, device=device)
         seconds = time.perf_counter() - t0
+        cores.append((_cpu_seconds() - cpu0) / seconds)
         rounds.append((seconds, _calibrate({**dirs, "B": b}, result.perms, family),
                        _calibrate({**dirs, "B": b}, result.perms, family, **EVERY_PROBE)))
 
     def summary(k: int) -> dict[str, Any]:
         ratios = [r[k]["calibrate_s"] / r[0] for r in rounds]
-        return {**rounds[0][k], "match_s": round(statistics.median(r[0] for r in rounds), 2),
+        match_s = statistics.median(r[0] for r in rounds)
+        floor = rounds[0][k].get("gemm_floor_s")
+        return {**rounds[0][k], "match_s": round(match_s, 2),
                 "calibrate_s": round(statistics.median(r[k]["calibrate_s"] for r in rounds), 2),
                 "calibrate_over_match": round(statistics.median(ratios), 3),
-                "ratio_per_round": [round(x, 3) for x in ratios], "rounds": repeats}
+                "ratio_per_round": [round(x, 3) for x in ratios], "rounds": repeats,
+                "match_cores": round(statistics.median(cores), 2),
+                **({"floor_over_match": round(floor / match_s, 3)} if floor is not None else {})}
     return summary(1), summary(2), result
 
 
@@ -159,6 +235,8 @@ def _planted(name: str, arch: str, cfg: dict[str, Any], cache: Path, device: str
                "transformers_import_s": round(import_s, 2), **one, "load1": round(os.getloadavg()[0], 2),
                "params": params, "rounds": 1}
         rec["calibrate_over_match"] = round(rec["calibrate_s"] / rec["match_s"], 3)
+        if "gemm_floor_s" in rec:
+            rec["floor_over_match"] = round(rec["gemm_floor_s"] / rec["match_s"], 3)
         rec["calibrate_s"] = round(rec["calibrate_s"], 2)
         records.append(rec)
         print(rec, flush=True)
