@@ -644,3 +644,34 @@ def test_an_output_of_alpha_zero_says_so(planted, tmp_path, capsys):
     assert "try --mode rebasin" in printed
     for text in (printed, (out / "report.md").read_text()):
         assert "the task vector scaled by 0" in text and "zero task vector there" not in text
+
+
+@pytest.mark.parametrize("clear_z", [None, math.inf])
+def test_calibration_benchmark_counts_the_token_forwards_run(planted, monkeypatch, clear_z):
+    """The calibration benchmark's floor (``benchmarks.bench_calibration._floor``) counts the tokens the
+    model's forwards ran: sampler steps, every α evaluated, the null model, as a hook on the decoder
+    counts them; on half the probes (default) and on all (CLEAR_Z = ∞: another count, the control).
+    Its GEMM shapes are the module's linear layers, the head included."""
+    from transformers.models.llama import modeling_llama
+
+    import rebasin.calibrate as cal
+    from benchmarks.bench_calibration import _floor, _gemm_shapes
+    from rebasin.hf import load_hf_model
+
+    if clear_z is not None:
+        monkeypatch.setattr(cal, "CLEAR_Z", clear_z)
+    seen = []
+    real = modeling_llama.LlamaModel.forward
+
+    def counting(self, input_ids=None, *args, **kwargs):
+        seen.append(input_ids.numel())
+        return real(self, input_ids, *args, **kwargs)
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", counting)
+    c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", perms=None, alpha="auto",
+                  probe_count=16, probe_length=16)
+    floor = _floor(c, planted / "B")
+    assert c.null_probes is not None and c.measured == (16 if clear_z else 8)
+    assert floor["token_forwards"] == sum(seen) and floor["sampled_tokens"] == 16 * 16
+    module = load_hf_model(planted / "B", what="test")
+    linear = [tuple(m.weight.shape) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(_gemm_shapes(planted / "B")) == sorted(linear)
