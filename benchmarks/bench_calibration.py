@@ -26,7 +26,7 @@ beside) next to the transfer's prediction (:func:`rebasin.calibrate.predicted_pe
 assumes today's forward dtype). The planted pair is the match's easiest case (the row bound
 settles every solve); onto ``B'`` the match takes more sweeps.
 
-Each default-target record also accounts for its forwards (:func:`_floor`): the token-forwards it
+Each default record also accounts for its forwards (:func:`_floor`): the token-forwards it
 ran (the sampler's ``count × length``, every curve point's and the null model's probe tokens), their
 GEMM FLOPs, and ``gemm_floor_s``, the seconds those GEMMs alone take at the rate this machine gives
 the model's own weight shapes at the calibration's row counts (timed in the same run,
@@ -54,13 +54,17 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from benchmarks.bench_scale import build_checkpoints
 from benchmarks.common import timeit
+
+if TYPE_CHECKING:
+    from rebasin.calibrate import Calibration
 
 SHAPES = {
     "llama-125m": {"model_type": "llama", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -86,12 +90,10 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _gemm_shapes(model_dir: Path) -> list[tuple[int, int]]:
-    """(out, in) of every weight a forward multiplies by: the 2-D weights but the input embedding,
-    and that embedding as the head where the head is tied to it (no ``lm_head.weight``)."""
-    from rebasin.io.checkpoint import open_checkpoint
-
-    tensors = open_checkpoint(model_dir).tensors
+def _gemm_shapes(tensors: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(out, in) of every weight a forward multiplies by, from a Llama/Qwen2-named checkpoint's tensor
+    infos: the 2-D weights but the input embedding (``embed_tokens``, a lookup), and that embedding as
+    the head where the head is tied to it (no ``lm_head.weight``)."""
     shapes = [tuple(i.shape) for n, i in tensors.items()
               if len(i.shape) == 2 and n.endswith(".weight") and "embed_tokens" not in n]
     if not any(n.endswith("lm_head.weight") for n in tensors):
@@ -116,20 +118,23 @@ def _gemm_seconds(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype) 
     return _GEMM_S[key]
 
 
-def _floor(c: Any, model_dir: Path) -> dict[str, Any]:
-    """The forwards calibration ``c`` ran (the fine-tune target; every point of the curve on ``c.measured``
-    probes, the null model on ``c.null_probes``) and the seconds their GEMMs alone take here."""
+def _floor(c: Calibration, model_dir: Path) -> dict[str, Any]:
+    """The forwards "auto" calibration ``c`` ran with the fine-tune target — the sampler's ``count × length``
+    tokens, every point of the curve on ``c.measured`` probes, the null model on ``c.null_probes`` — and
+    the seconds their GEMMs alone take here (empty for other requests and targets, whose forwards this
+    does not count). A null model measured on half the probes and then dropped, because every probe
+    overturned the verdict, leaves ``null_probes`` None: its forwards are then not counted."""
     from rebasin.calibrate import chunk_size
     from rebasin.io.checkpoint import open_checkpoint
 
-    if c.target != "finetune" or c.probes.get("kind") != "sampled":
+    if c.requested != "auto" or c.target != "finetune" or c.probes.get("kind") != "sampled":
         return {}
     count, length = c.probes["count"], c.probes["length"]
     sample, evaluate = count * length, (len(c.curve) * c.measured + (c.null_probes or 0)) * length
-    shapes = _gemm_shapes(model_dir)
+    checkpoint = open_checkpoint(model_dir)
+    shapes = _gemm_shapes(checkpoint.tensors)
     macs = sum(o * i for o, i in shapes)
-    vocab = int(open_checkpoint(model_dir).config.get("vocab_size") or 1)
-    rows = chunk_size(count, length, vocab) * length
+    rows = chunk_size(count, length, int(checkpoint.config.get("vocab_size") or 1)) * length
     dtype = getattr(torch, c.dtype)
     t_sample, t_eval = _gemm_seconds(shapes, count, dtype), _gemm_seconds(shapes, rows, dtype)
     floor = sample / count * t_sample + evaluate / rows * t_eval

@@ -651,12 +651,11 @@ def test_calibration_benchmark_counts_the_token_forwards_run(planted, monkeypatc
     """The calibration benchmark's floor (``benchmarks.bench_calibration._floor``) counts the tokens the
     model's forwards ran: sampler steps, every α evaluated, the null model, as a hook on the decoder
     counts them; on half the probes (default) and on all (CLEAR_Z = ∞: another count, the control).
-    Its GEMM shapes are the module's linear layers, the head included."""
+    Its GEMM seconds are the sampler's steps at ``count`` rows and the chunks at 4 probes × 16 tokens."""
     from transformers.models.llama import modeling_llama
 
+    import benchmarks.bench_calibration as bench
     import rebasin.calibrate as cal
-    from benchmarks.bench_calibration import _floor, _gemm_shapes
-    from rebasin.hf import load_hf_model
 
     if clear_z is not None:
         monkeypatch.setattr(cal, "CLEAR_Z", clear_z)
@@ -669,9 +668,23 @@ def test_calibration_benchmark_counts_the_token_forwards_run(planted, monkeypatc
     monkeypatch.setattr(modeling_llama.LlamaModel, "forward", counting)
     c = calibrate(planted / "A", planted / "Aft", planted / "B", "llama", perms=None, alpha="auto",
                   probe_count=16, probe_length=16)
-    floor = _floor(c, planted / "B")
+    monkeypatch.setattr(bench, "_gemm_seconds", lambda shapes, rows, dtype: 1e-4 * rows ** 2)
+    floor = bench._floor(c, planted / "B")
     assert c.null_probes is not None and c.measured == (16 if clear_z else 8)
     assert floor["token_forwards"] == sum(seen) and floor["sampled_tokens"] == 16 * 16
-    module = load_hf_model(planted / "B", what="test")
-    linear = [tuple(m.weight.shape) for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(_gemm_shapes(planted / "B")) == sorted(linear)
+    sampled, evaluated = 16 * 16, sum(seen) - 16 * 16  # 16 steps of 16 rows; chunks of 64 tokens
+    assert floor["gemm_floor_s"] == round(1e-4 * (sampled * 16 + evaluated * 64), 2)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2"])
+def test_calibration_benchmark_gemm_shapes_are_the_modules_linear_layers(tmp_path, case):
+    """Untied (Llama: its own head) and tied (Qwen2: the embedding is the head) checkpoints."""
+    from benchmarks.bench_calibration import _gemm_shapes
+    from rebasin.io.checkpoint import open_checkpoint
+
+    model = CASES[case].build()
+    model.save_pretrained(tmp_path)
+    tensors = open_checkpoint(tmp_path).tensors
+    assert any(n.endswith("lm_head.weight") for n in tensors) == (case == "llama")
+    linear = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(_gemm_shapes(tensors)) == sorted(linear)
