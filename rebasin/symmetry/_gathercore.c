@@ -9,8 +9,8 @@
  * torch's CPU index kernels reach each element of an inner axis through generic offset arithmetic:
  * on the columns of a 151936 x 896 bfloat16 matrix (a vocabulary matrix whose hidden axis a
  * permutation moves) 379 ms by advanced indexing, 508 ms by index_select, 185 ms by this loop on 2
- * cores, fresh outputs and their page faults included (benchmarks/results/gather-cpu.md). The buffer protocol only (no numpy headers), so
- * the extension builds with nothing but a C compiler.
+ * cores, fresh outputs and their page faults included (benchmarks/results/gather-cpu.md). The
+ * buffer protocol only (no numpy headers), so the extension builds with nothing but a C compiler.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
